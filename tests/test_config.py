@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import pytest
+
+from tme_pipeline.config import default_config_path, load_config
+
+
+def test_default_config_is_the_promis_panel():
+    config = load_config()
+    assert list(config.panel) == ["DAPI", "CD3", "CD8", "CD20", "CD21", "FOXP3", "PD-L1", "SATB2"]
+    assert "CD274" in config.panel["PD-L1"].aliases
+    assert config.panel["FOXP3"].compartment == "nuclear"
+    assert config.timepoints == ("pre", "post")
+    assert config.segmentation.method == "classic"
+
+
+def test_packaged_default_is_the_repository_file():
+    repo_default = Path(__file__).parents[1] / "configs" / "default.yaml"
+    assert default_config_path().read_text() == repo_default.read_text()
+
+
+def test_user_file_merges_over_defaults(tmp_path):
+    path = tmp_path / "lab.yaml"
+    path.write_text("segmentation:\n  tile_um: 256\nchannel_map:\n  Opal 520: CD8\n")
+    config = load_config(path)
+    assert config.segmentation.tile_um == 256
+    assert config.segmentation.overlap_um == 40  # untouched default
+    assert config.channel_map == {"Opal 520": "CD8"}
+    assert "SATB2" in config.panel
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("segmentation:\n  tile_size: 256\n")
+    with pytest.raises(ValueError, match=r"typo\.yaml.*\n.*segmentation\.tile_size: unknown key"):
+        load_config(path)
+
+
+def test_bad_value_names_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("segmentation:\n  tile_um: -5\n")
+    with pytest.raises(ValueError, match=r"(?s)bad\.yaml.*segmentation\.tile_um"):
+        load_config(path)
+
+
+def test_channel_map_to_unknown_marker_refused(tmp_path):
+    path = tmp_path / "map.yaml"
+    path.write_text("channel_map:\n  Opal 690: CD68\n")
+    with pytest.raises(ValueError, match=r"(?s)map\.yaml.*'CD68'.*not a panel marker"):
+        load_config(path)
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("panel: [unclosed\n")
+    with pytest.raises(ValueError, match=r"broken\.yaml: not valid YAML"):
+        load_config(path)
+    with pytest.raises(FileNotFoundError, match="nowhere.yaml"):
+        load_config(tmp_path / "nowhere.yaml")
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("run: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(path)

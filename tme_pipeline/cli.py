@@ -1,0 +1,115 @@
+"""The ``tme`` command: a thin layer over the public API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+log = logging.getLogger("tme_pipeline")
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from .synth import synth_cohort
+
+    manifest = synth_cohort(
+        args.out, n_patients=args.patients, seed=args.seed, size_mm=tuple(args.size_mm), pixel_um=args.pixel_um
+    )
+    print(f"wrote {manifest}")
+    print(f"ground truth in {Path(args.out) / 'truth'}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .io.slides import open_slide
+    from .panel import normalise_name
+
+    config = load_config(args.config)
+    slide = open_slide(args.slide, pixel_um=args.pixel_um, channel_names=config.channel_names)
+    aliases = {normalise_name(a): m for m, spec in config.panel.items() for a in (m, *spec.aliases)}
+    aliases.update({normalise_name(k): v for k, v in config.channel_map.items()})
+    height_mm, width_mm = slide.size_mm
+    print(f"slide:     {slide.path}")
+    print(f"format:    {slide.format}")
+    print(f"pixel:     {slide.pixel_um:.4g} µm at level 0")
+    print(f"size:      {width_mm:.3f} × {height_mm:.3f} mm (width × height)")
+    print(f"dtype:     {slide.levels[0].dtype}")
+    print("levels:")
+    for i, level in enumerate(slide.levels):
+        print(f"  {i}: {level.shape[2]} × {level.shape[1]} px, {slide.level_pixel_um(i):.4g} µm/px")
+    print("channels:")
+    for i, name in enumerate(slide.channel_names):
+        marker = aliases.get(normalise_name(name))
+        print(f"  {i}: {name:<16} -> {marker if marker else '(not in panel)'}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .cohort import run_cohort
+
+    result = run_cohort(
+        args.manifest,
+        args.out,
+        config_path=args.config,
+        scheduler=args.scheduler,
+        pixel_um=args.pixel_um,
+        overwrite=args.overwrite,
+    )
+    for slide in result.slides:
+        detail = f"{slide.n_nuclei} nuclei" if slide.n_nuclei is not None else slide.error
+        print(f"{slide.slide_id:<24} {slide.status:<8} {detail}")
+    print(f"outputs in {result.out}  (provenance: {result.out / 'run.json'})")
+    if result.n_failed:
+        print(f"{result.n_failed} slide(s) failed: see run.json", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tme", description="Multiplex IF slides to tumour-microenvironment metrics.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic pre/post cohort with ground truth")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--patients", type=int, default=2, help="number of patients (2 slides each)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size-mm", nargs=2, type=float, default=(2.0, 1.5), metavar=("W", "H"))
+    p.add_argument("--pixel-um", type=float, default=0.5, help="pixel size (µm)")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("info", help="describe a slide: format, levels, channels -> markers, µm/px")
+    p.add_argument("slide", type=Path)
+    p.add_argument("--pixel-um", type=float, default=None, help="pixel size (µm) if the file has none")
+    p.add_argument("--config", type=Path, default=None)
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("run", help="run the pipeline on every slide of a manifest")
+    p.add_argument("manifest", type=Path, help="CSV: patient_id,timepoint,slide[,pixel_um,...]")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--config", type=Path, default=None, help="YAML merged over configs/default.yaml")
+    p.add_argument("--scheduler", default=None, help="threads | processes | local-cluster | tcp://host:port")
+    p.add_argument("--pixel-um", type=float, default=None, help="pixel size (µm) for slides without one")
+    p.add_argument("--overwrite", action="store_true", help="redo slides that are already complete")
+    p.set_defaults(func=_cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"tme {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""One typed configuration for a whole run, loaded from YAML.
+
+Every section is a pydantic model that refuses unknown keys, so a typo in a config
+file is an error naming the key and the file rather than a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "Config",
+    "MarkerSpec",
+    "SegmentationConfig",
+    "ClassicConfig",
+    "RunConfig",
+    "load_config",
+    "default_config_path",
+]
+
+_DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MarkerSpec(_Strict):
+    """One marker of the panel.
+
+    ``aliases`` are the channel names (compared case-insensitively, ignoring spaces,
+    ``-`` and ``_``) under which the marker may appear in a slide's metadata.
+    """
+
+    aliases: tuple[str, ...] = ()
+    compartment: Literal["nuclear", "membrane", "cytoplasm", "whole"] = "whole"
+    optional: bool = False
+
+
+class ClassicConfig(_Strict):
+    """The classical nucleus segmenter: smoothing, global threshold, watershed (µm)."""
+
+    sigma_um: float = Field(0.7, gt=0)
+    min_distance_um: float = Field(3.0, gt=0)
+    min_area_um2: float = Field(12.0, ge=0)
+    max_area_um2: float = Field(400.0, gt=0)
+
+
+class SegmentationConfig(_Strict):
+    """Nucleus segmentation and the tile grid it runs on (µm)."""
+
+    method: Literal["classic"] = "classic"
+    channel: str = "DAPI"
+    tile_um: float = Field(512.0, gt=0)
+    overlap_um: float = Field(40.0, ge=0)
+    classic: ClassicConfig = ClassicConfig()
+
+
+class RunConfig(_Strict):
+    """How a run is executed: Dask scheduler and threads."""
+
+    scheduler: str = Field(
+        "threads",
+        description="'threads', 'synchronous', 'processes', 'local-cluster' or a "
+        "distributed scheduler address such as tcp://host:8786",
+    )
+    n_workers: int | None = Field(None, ge=1)
+    torch_threads: int | None = Field(None, ge=1)
+
+
+class Config(_Strict):
+    """The whole run's configuration. ``configs/default.yaml`` holds the defaults."""
+
+    panel: dict[str, MarkerSpec]
+    channel_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="explicit slide channel name -> marker, e.g. {'Opal 520': 'CD8'}",
+    )
+    channel_names: tuple[str, ...] | None = Field(
+        None,
+        description="channel names, in page order, for slides whose files carry none "
+        "(plain multi-page TIFF); otherwise the file's own names are used",
+    )
+    timepoints: tuple[str, ...] = ("pre", "post")
+    segmentation: SegmentationConfig = SegmentationConfig()
+    run: RunConfig = RunConfig()
+
+    @field_validator("timepoints")
+    @classmethod
+    def _two_distinct(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(value) < 1 or len(set(value)) != len(value):
+            raise ValueError(f"timepoints must be distinct labels, got {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _references_exist(self) -> Config:
+        for channel, marker in self.channel_map.items():
+            if marker not in self.panel:
+                raise ValueError(
+                    f"channel_map maps {channel!r} to {marker!r}, which is not a panel marker "
+                    f"({', '.join(self.panel)})"
+                )
+        if self.segmentation.channel not in self.panel:
+            raise ValueError(
+                f"segmentation.channel {self.segmentation.channel!r} is not a panel marker "
+                f"({', '.join(self.panel)})"
+            )
+        return self
+
+
+def default_config_path() -> Path:
+    """Path of the shipped default configuration (the PROMIS-like panel)."""
+    return _DEFAULT_CONFIG
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "config"
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "panel":
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Load and validate a run configuration.
+
+    A user file is merged over ``configs/default.yaml`` section by section, except
+    ``panel``, which a user file replaces whole (a lab's panel is not a patch of ours).
+
+    Parameters
+    ----------
+    path : str or Path, optional
+        YAML file. ``None`` gives the shipped defaults.
+
+    Returns
+    -------
+    Config
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        If the YAML does not parse or a key is unknown or invalid; the message names
+        the file and every offending key.
+    """
+    defaults = _read_yaml(_DEFAULT_CONFIG)
+    data = defaults
+    source = _DEFAULT_CONFIG
+    if path is not None:
+        source = Path(path)
+        data = _deep_merge(defaults, _read_yaml(source))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        raise ValueError(f"{source}: invalid configuration:\n{_format_errors(error)}") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: configuration file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a configuration must be a mapping of sections, got {type(data).__name__}")
+    return data

@@ -1,0 +1,200 @@
+"""One slide through every stage: open, segment tile by tile, stitch, measure, write."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+
+from .config import Config
+from .io.labels import create_labels_zarr, write_label_pyramid
+from .io.results import is_complete, partial_dir
+from .io.slides import Slide, open_slide
+from .panel import PanelMatch, match_panel
+from .quantify import measure_objects
+from .segment.classic import classic_threshold, segment_nuclei_classic
+from .tiling import segment_tiled, tile_grid
+
+__all__ = ["SlideResult", "run_slide", "segmentation_function", "lowres_channel"]
+
+log = logging.getLogger(__name__)
+
+# The largest level used to estimate slide-wide statistics (threshold, later
+# normalisation percentiles): big enough to see nuclei, small enough to hold.
+_LOWRES_MAX_PX = 4096
+
+
+@dataclass(frozen=True)
+class SlideResult:
+    """What happened to one slide, as recorded in ``run.json``."""
+
+    slide_id: str
+    status: str  # "done", "skipped" (complete from an earlier run) or "error"
+    out_dir: Path
+    n_nuclei: int | None = None
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    info: dict[str, object] = field(default_factory=dict)
+    error: str | None = None
+
+
+def lowres_channel(slide: Slide, channel: int, *, max_px: int = _LOWRES_MAX_PX) -> np.ndarray:
+    """One channel at the finest pyramid level no larger than ``max_px`` on a side.
+
+    A slide without such a level is block-averaged from level 0, chunk by chunk.
+
+    Returns
+    -------
+    ndarray, shape (Y', X'), float32
+    """
+    for level in slide.levels:
+        if max(level.shape[1:]) <= max_px:
+            return np.asarray(level[channel].astype(np.float32).compute())
+    base = slide.levels[-1][channel].astype(np.float32)
+    factor = int(np.ceil(max(base.shape) / max_px))
+    return np.asarray(da.coarsen(np.mean, base, {0: factor, 1: factor}, trim_excess=True).compute())
+
+
+def segmentation_function(slide: Slide, panel: PanelMatch, config: Config):
+    """The per-tile nucleus segmenter the config asks for, with slide-wide parameters bound.
+
+    Returns a picklable callable mapping a padded tile (Y, X) to int32 labels.
+    """
+    seg = config.segmentation
+    channel = panel.channels[seg.channel]
+    if seg.method == "classic":
+        threshold = classic_threshold(lowres_channel(slide, channel))
+        params = seg.classic
+        return functools.partial(
+            segment_nuclei_classic,
+            pixel_um=slide.pixel_um,
+            threshold=threshold,
+            sigma_um=params.sigma_um,
+            min_distance_um=params.min_distance_um,
+            min_area_um2=params.min_area_um2,
+            max_area_um2=params.max_area_um2,
+        )
+    raise ValueError(f"unknown segmentation method {seg.method!r}")
+
+
+def run_slide(
+    slide_path: str | Path,
+    out_dir: str | Path,
+    *,
+    config: Config,
+    slide_id: str | None = None,
+    pixel_um: float | None = None,
+    overwrite: bool = False,
+) -> SlideResult:
+    """Segment and measure one slide, writing its folder atomically.
+
+    Parameters
+    ----------
+    slide_path : str or Path
+        Any format :func:`tme_pipeline.io.slides.open_slide` reads.
+    out_dir : str or Path
+        The slide's output folder (``OUT/slides/<slide_id>``); it appears only once
+        complete, with ``labels.ome.zarr`` and ``cells.h5ad``.
+    config : Config
+    slide_id : str, optional
+        Defaults to the folder name of ``out_dir``.
+    pixel_um : float, optional
+        Level-0 pixel size (µm) when the file's metadata lacks it.
+    overwrite : bool
+        Redo a slide whose folder is already complete.
+
+    Returns
+    -------
+    SlideResult
+        Errors are raised, not returned: the batch runner records them.
+    """
+    out_dir = Path(out_dir)
+    slide_id = slide_id or out_dir.name
+    if is_complete(out_dir) and not overwrite:
+        return _skipped(slide_id, out_dir)
+
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(stage: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[stage] = round(now - since, 3)
+        return now
+
+    slide = open_slide(slide_path, pixel_um=pixel_um, channel_names=_plain_names(slide_path, config))
+    panel = match_panel(
+        slide.channel_names, config.panel, channel_map=config.channel_map, source=f"{slide.path} (slide {slide_id})"
+    )
+    seg = config.segmentation
+    segment_tile = segmentation_function(slide, panel, config)
+    t = lap("open_and_threshold", start)
+
+    grid = tile_grid(slide.shape_yx, pixel_um=slide.pixel_um, tile_um=seg.tile_um, overlap_um=seg.overlap_um)
+    with partial_dir(out_dir) as tmp:
+        labels_root = create_labels_zarr(
+            tmp / "labels.ome.zarr", shape_yx=slide.shape_yx, pixel_um=slide.pixel_um, chunk_px=grid.tile_px
+        )
+        nuclear = slide.levels[0][panel.channels[seg.channel]]
+        stitched = segment_tiled(nuclear, segment_tile, grid=grid, store=labels_root, component="labels/nuclei/0")
+        t = lap("segment", t)
+        write_label_pyramid(labels_root, "nuclei", pixel_um=slide.pixel_um)
+        t = lap("label_pyramid", t)
+
+        labels = da.from_zarr(stitched.array)
+        cells = measure_objects(
+            labels, slide.levels[0], pixel_um=slide.pixel_um, markers=panel.channels, channel_names=slide.channel_names
+        )
+        info = _slide_info(slide, panel, slide_id, int(cells.n_obs))
+        cells.uns["slide"] = info
+        cells.write_h5ad(tmp / "cells.h5ad")
+        lap("measure", t)
+    seconds = round(time.perf_counter() - start, 3)
+    log.info("%s: %d nuclei in %.1f s", slide_id, cells.n_obs, seconds)
+    return SlideResult(
+        slide_id=slide_id,
+        status="done",
+        out_dir=out_dir,
+        n_nuclei=int(cells.n_obs),
+        seconds=seconds,
+        timings=timings,
+        info=info,
+    )
+
+
+def _plain_names(slide_path: str | Path, config: Config) -> tuple[str, ...] | None:
+    """Config channel names apply to plain TIFFs only; other formats carry their own."""
+    name = str(slide_path).lower()
+    is_plain = name.endswith((".tif", ".tiff")) and not name.endswith((".ome.tif", ".ome.tiff"))
+    return config.channel_names if is_plain else None
+
+
+def _slide_info(slide: Slide, panel: PanelMatch, slide_id: str, n_nuclei: int) -> dict[str, object]:
+    return {
+        "slide_id": slide_id,
+        "path": str(slide.path),
+        "format": slide.format,
+        "pixel_um": float(slide.pixel_um),
+        "shape_yx": [int(v) for v in slide.shape_yx],
+        "size_mm": [round(float(v), 4) for v in slide.size_mm],
+        "channels": list(slide.channel_names),
+        "markers": {m: slide.channel_names[c] for m, c in panel.channels.items()},
+        "missing_optional_markers": list(panel.missing_optional),
+        "n_nuclei": n_nuclei,
+    }
+
+
+def _skipped(slide_id: str, out_dir: Path) -> SlideResult:
+    import anndata as ad
+
+    cells = ad.read_h5ad(out_dir / "cells.h5ad", backed="r")
+    try:
+        info = dict(cells.uns.get("slide", {}))
+        n = int(cells.n_obs)
+    finally:
+        cells.file.close()
+    return SlideResult(slide_id=slide_id, status="skipped", out_dir=out_dir, n_nuclei=n, info=info)
