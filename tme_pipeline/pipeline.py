@@ -12,7 +12,7 @@ import dask.array as da
 import numpy as np
 
 from .config import Config
-from .io.labels import create_labels_zarr, write_label_pyramid
+from .io.labels import create_labels_zarr, write_label_pyramid, write_overview_image
 from .io.results import is_complete, partial_dir
 from .io.slides import Slide, open_slide
 from .panel import PanelMatch, match_panel
@@ -43,36 +43,51 @@ class SlideResult:
     error: str | None = None
 
 
-def lowres_channel(slide: Slide, channel: int, *, max_px: int = _LOWRES_MAX_PX) -> np.ndarray:
+def lowres_channel(slide: Slide, channel: int, *, max_px: int = _LOWRES_MAX_PX) -> tuple[np.ndarray, float]:
     """One channel at the finest pyramid level no larger than ``max_px`` on a side.
 
-    A slide without such a level is block-averaged from level 0, chunk by chunk.
+    A slide without such a level is block-averaged from its smallest level, chunk by chunk.
 
     Returns
     -------
-    ndarray, shape (Y', X'), float32
+    image : ndarray, shape (Y', X'), float32
+    pixel_um : float
+        Its pixel size (µm).
     """
-    for level in slide.levels:
+    for index, level in enumerate(slide.levels):
         if max(level.shape[1:]) <= max_px:
-            return np.asarray(level[channel].astype(np.float32).compute())
-    base = slide.levels[-1][channel].astype(np.float32)
+            return np.asarray(level[channel].astype(np.float32).compute()), slide.level_pixel_um(index)
+    last = len(slide.levels) - 1
+    base = slide.levels[last][channel].astype(np.float32)
     factor = int(np.ceil(max(base.shape) / max_px))
-    return np.asarray(da.coarsen(np.mean, base, {0: factor, 1: factor}, trim_excess=True).compute())
+    image = da.coarsen(np.mean, base, {0: factor, 1: factor}, trim_excess=True).compute()
+    return np.asarray(image), slide.level_pixel_um(last) * factor
 
 
-def segmentation_function(slide: Slide, panel: PanelMatch, config: Config):
+def segmentation_function(config: Config, *, pixel_um: float, nuclear_lowres: np.ndarray):
     """The per-tile nucleus segmenter the config asks for, with slide-wide parameters bound.
 
-    Returns a picklable callable mapping a padded tile (Y, X) to int32 labels.
+    Parameters
+    ----------
+    config : Config
+    pixel_um : float
+        Level-0 pixel size (µm).
+    nuclear_lowres : ndarray, shape (Y', X')
+        The nuclear channel at low resolution, for slide-wide statistics: one
+        threshold per slide, so that tiles agree at their seams.
+
+    Returns
+    -------
+    callable
+        Picklable; maps a padded tile (Y, X) to int32 labels.
     """
     seg = config.segmentation
-    channel = panel.channels[seg.channel]
     if seg.method == "classic":
-        threshold = classic_threshold(lowres_channel(slide, channel))
+        threshold = classic_threshold(nuclear_lowres)
         params = seg.classic
         return functools.partial(
             segment_nuclei_classic,
-            pixel_um=slide.pixel_um,
+            pixel_um=pixel_um,
             threshold=threshold,
             sigma_um=params.sigma_um,
             min_distance_um=params.min_distance_um,
@@ -126,12 +141,17 @@ def run_slide(
         timings[stage] = round(now - since, 3)
         return now
 
-    slide = open_slide(slide_path, pixel_um=pixel_um, channel_names=_plain_names(slide_path, config))
+    slide = open_slide(slide_path, pixel_um=pixel_um)
+    if slide.format == "tiff" and config.channel_names is not None:
+        # plain TIFFs carry no channel names: the config's, in page order, apply
+        slide = open_slide(slide_path, pixel_um=pixel_um, channel_names=config.channel_names)
     panel = match_panel(
         slide.channel_names, config.panel, channel_map=config.channel_map, source=f"{slide.path} (slide {slide_id})"
     )
     seg = config.segmentation
-    segment_tile = segmentation_function(slide, panel, config)
+    nuclear_channel = panel.channels[seg.channel]
+    nuclear_lowres, lowres_um = lowres_channel(slide, nuclear_channel)
+    segment_tile = segmentation_function(config, pixel_um=slide.pixel_um, nuclear_lowres=nuclear_lowres)
     t = lap("open_and_threshold", start)
 
     grid = tile_grid(slide.shape_yx, pixel_um=slide.pixel_um, tile_um=seg.tile_um, overlap_um=seg.overlap_um)
@@ -139,13 +159,17 @@ def run_slide(
         labels_root = create_labels_zarr(
             tmp / "labels.ome.zarr", shape_yx=slide.shape_yx, pixel_um=slide.pixel_um, chunk_px=grid.tile_px
         )
-        nuclear = slide.levels[0][panel.channels[seg.channel]]
-        stitched = segment_tiled(nuclear, segment_tile, grid=grid, store=labels_root, component="labels/nuclei/0")
+        stitched = segment_tiled(
+            slide.levels[0][nuclear_channel], segment_tile, grid=grid, store=labels_root["labels/nuclei"], component="0"
+        )
         t = lap("segment", t)
         write_label_pyramid(labels_root, "nuclei", pixel_um=slide.pixel_um)
+        write_overview_image(
+            labels_root, nuclear_lowres, pixel_um=lowres_um, channel_names=(slide.channel_names[nuclear_channel],)
+        )
         t = lap("label_pyramid", t)
 
-        labels = da.from_zarr(stitched.array)
+        labels = da.from_zarr(stitched.labels)
         cells = measure_objects(
             labels, slide.levels[0], pixel_um=slide.pixel_um, markers=panel.channels, channel_names=slide.channel_names
         )
@@ -164,13 +188,6 @@ def run_slide(
         timings=timings,
         info=info,
     )
-
-
-def _plain_names(slide_path: str | Path, config: Config) -> tuple[str, ...] | None:
-    """Config channel names apply to plain TIFFs only; other formats carry their own."""
-    name = str(slide_path).lower()
-    is_plain = name.endswith((".tif", ".tiff")) and not name.endswith((".ome.tif", ".ome.tiff"))
-    return config.channel_names if is_plain else None
 
 
 def _slide_info(slide: Slide, panel: PanelMatch, slide_id: str, n_nuclei: int) -> dict[str, object]:

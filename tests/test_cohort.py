@@ -1,0 +1,104 @@
+"""`tme run` end to end on small slides of every format, with bad slides in the batch."""
+
+import json
+
+import anndata as ad
+import numpy as np
+import pytest
+import zarr
+
+from blobs import make_nuclei
+from slide_writers import write_ome_tiff, write_ome_zarr, write_plain_tiff, write_qptiff
+from tme_pipeline.cli import main
+from tme_pipeline.segment.metrics import match_labels
+
+NAMES = ["DAPI", "CD3", "CD8", "CD20", "CD21", "FOXP3", "PDL1", "SATB2"]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cohort")
+    dapi, truth = make_nuclei((768, 640), seed=3)
+    rng = np.random.default_rng(0)
+    others = rng.integers(0, 50, size=(7, *dapi.shape)).astype(dapi.dtype)
+    others[1][truth > 0] += 400  # CD8 bright on every nucleus, to check intensities
+    data = np.concatenate([dapi[None], others])
+    (root / "slides").mkdir()
+    write_ome_tiff(root / "slides" / "A_pre.ome.tif", data, pixel_um=0.5, channel_names=NAMES)
+    write_qptiff(
+        root / "slides" / "A_post.qptiff",
+        data,
+        pixel_um=0.5,
+        channel_names=["DAPI", "Opal 520", "Opal 540", "Opal 570", "Opal 620", "Opal 650", "Opal 690", "Opal 780"],
+        biomarkers=[None, *NAMES[1:]],
+    )
+    write_ome_zarr(root / "slides" / "B_pre.ome.zarr", data, pixel_um=0.5, channel_names=NAMES)
+    write_plain_tiff(root / "slides" / "B_post.tif", data)  # no pixel size: the manifest gives it
+    write_plain_tiff(root / "slides" / "C_pre.tif", data)  # no pixel size anywhere: refused
+    (root / "manifest.csv").write_text(
+        "patient_id,timepoint,slide,pixel_um,arm\n"
+        "A,pre,slides/A_pre.ome.tif,,1\n"
+        "A,post,slides/A_post.qptiff,,1\n"
+        "B,pre,slides/B_pre.ome.zarr,,2\n"
+        "B,post,slides/B_post.tif,0.5,2\n"
+        "C,pre,slides/C_pre.tif,,3\n"
+        "C,post,slides/C_post.ome.tif,,3\n"
+    )
+    (root / "plain.yaml").write_text("channel_names: [" + ", ".join(NAMES) + "]\n")
+    code = main(["run", str(root / "manifest.csv"), "--out", str(root / "out"), "--config", str(root / "plain.yaml")])
+    return root, truth, code
+
+
+def test_bad_slides_recorded_and_batch_goes_on(cohort):
+    root, _, code = cohort
+    assert code == 1  # some slides failed
+    run = json.loads((root / "out" / "run.json").read_text())
+    status = {s["slide_id"]: s for s in run["slides"]}
+    assert run["status"] == "complete"
+    assert [status[k]["status"] for k in ("A_pre", "A_post", "B_pre", "B_post")] == ["done"] * 4
+    assert status["C_pre"]["status"] == "error" and "pixel size" in status["C_pre"]["error"]
+    assert "C_pre.tif" in status["C_pre"]["error"]
+    assert status["C_post"]["status"] == "error" and "C_post.ome.tif" in status["C_post"]["error"]
+    assert not (root / "out" / "slides" / "C_pre").exists()
+    assert [p.name for p in (root / "out" / "slides").iterdir() if p.name.startswith(".")] == []
+    assert run["versions"]["numpy"] and run["config"]["channel_names"] == NAMES
+    assert run["config_sha256"] and status["A_pre"]["timings"]["segment"] >= 0
+
+
+def test_every_format_gives_the_same_cells(cohort):
+    root, truth, _ = cohort
+    tables = {k: ad.read_h5ad(root / "out" / "slides" / k / "cells.h5ad") for k in ("A_pre", "A_post", "B_pre", "B_post")}
+    reference = tables["A_pre"]
+    assert reference.n_obs > 100
+    for key, cells in tables.items():
+        assert list(cells.var_names) == ["DAPI", "CD3", "CD8", "CD20", "CD21", "FOXP3", "PD-L1", "SATB2"], key
+        np.testing.assert_allclose(cells.obsm["spatial"], reference.obsm["spatial"], err_msg=key)
+        np.testing.assert_allclose(cells.X, reference.X, rtol=1e-6, err_msg=key)
+    assert tables["A_post"].uns["slide"]["markers"]["CD8"] == "CD8"  # <Biomarker> over the Opal name
+    cd8 = reference[:, "CD8"].X.ravel()
+    assert np.median(cd8) > 300  # nuclei carry the CD8 signal written under them
+
+
+def test_labels_match_truth_and_are_ngff(cohort):
+    root, truth, _ = cohort
+    group = zarr.open_group(str(root / "out" / "slides" / "A_pre" / "labels.ome.zarr"), mode="r")
+    labels = np.asarray(group["labels/nuclei/0"])
+    assert labels.shape == truth.shape
+    stats = match_labels(truth, labels, iou_threshold=0.5)
+    assert stats.f1 >= 0.9
+    scale = group["labels/nuclei"].attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+    assert scale == [0.5, 0.5]
+
+
+def test_rerun_skips_complete_and_redoes_partial(cohort):
+    root, _, _ = cohort
+    out = root / "out"
+    before = (out / "slides" / "A_pre" / "cells.h5ad").stat().st_mtime_ns
+    (out / "slides" / ".B_pre.partial").mkdir()  # an interrupted run's leftovers
+    code = main(["run", str(root / "manifest.csv"), "--out", str(out), "--config", str(root / "plain.yaml")])
+    assert code == 1
+    run = json.loads((out / "run.json").read_text())
+    status = {s["slide_id"]: s["status"] for s in run["slides"]}
+    assert status["A_pre"] == "skipped" and status["C_pre"] == "error"
+    assert (out / "slides" / "A_pre" / "cells.h5ad").stat().st_mtime_ns == before
+    assert not (out / "slides" / ".B_pre.partial").exists()

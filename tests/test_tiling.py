@@ -1,0 +1,168 @@
+import functools
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+from skimage.measure import label as connected
+
+from blobs import make_nuclei
+from tme_pipeline.segment.classic import classic_threshold, segment_nuclei_classic
+from tme_pipeline.segment.metrics import match_labels
+from tme_pipeline.tiling import segment_tiled, tile_grid
+
+PIXEL_UM = 0.5
+
+
+def test_grid_cores_partition_image_and_windows_are_clipped():
+    shape = (1000, 700)
+    g = tile_grid(shape, pixel_um=PIXEL_UM, tile_um=128.0, overlap_um=40.0)
+    assert (g.tile_px, g.overlap_px, g.grid_shape, g.n_tiles) == (256, 80, (4, 3), 12)
+    cover = np.zeros(shape, int)
+    for t in g.tiles:
+        cover[t.core_slices] += 1
+        y0, x0, y1, x1 = t.core
+        py0, px0, py1, px1 = t.padded
+        assert (py0, px0) == (max(y0 - 80, 0), max(x0 - 80, 0))
+        assert (py1, px1) == (min(y1 + 80, 1000), min(x1 + 80, 700))
+    assert (cover == 1).all()
+    assert [t.index for t in g.tiles] == list(range(12))
+    # A core is covered by the windows of its 3x3 neighbourhood only.
+    assert [t.index for t in g.tiles_touching(g.tiles[4].core)] == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert [t.index for t in g.tiles_touching(g.tiles[0].core)] == [0, 1, 3, 4]
+
+
+def test_overlap_must_hold_the_largest_object():
+    with pytest.raises(ValueError, match="max_object_um"):
+        tile_grid((100, 100), pixel_um=PIXEL_UM, overlap_um=10.0, max_object_um=20.0)
+    with pytest.raises(ValueError, match="exceeds tile_um"):
+        tile_grid((100, 100), pixel_um=PIXEL_UM, tile_um=20.0, overlap_um=40.0)
+
+
+@pytest.fixture(scope="module")
+def slide():
+    image, truth = make_nuclei((1536, 1536), pixel_um=PIXEL_UM, seed=1)
+    thr = classic_threshold(image.reshape(384, 4, 384, 4).mean(axis=(1, 3)))
+    segment = functools.partial(segment_nuclei_classic, pixel_um=PIXEL_UM, threshold=thr)
+    # File-like chunks that do not align with the tile grid.
+    return da.from_array(image, chunks=(700, 700)), truth, segment
+
+
+def _run(slide, tmp_path, name, tile_um, scheduler="threads"):
+    image, _, segment = slide
+    grid = tile_grid(image.shape, pixel_um=PIXEL_UM, tile_um=tile_um, overlap_um=40.0)
+    with dask.config.set(scheduler=scheduler):
+        result = segment_tiled(image, segment, grid=grid, store=tmp_path / f"{name}.zarr")
+    return grid, result
+
+
+@pytest.fixture(scope="module")
+def runs(slide, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiling")
+    return {
+        "one": _run(slide, tmp, "one", 768.0),
+        "nine": _run(slide, tmp, "nine", 256.0),
+        "nine_sync": _run(slide, tmp, "nine_sync", 256.0, scheduler="synchronous"),
+    }
+
+
+def test_nine_tiles_equal_one_tile(runs, slide):
+    (g1, one), (g9, nine) = runs["one"], runs["nine"]
+    assert (g1.n_tiles, g9.n_tiles) == (1, 9)
+    a, b = one.labels[:], nine.labels[:]
+    stats = match_labels(a, b, iou_threshold=0.5)
+    assert stats.recall >= 0.995 and stats.precision >= 0.995, stats
+    # No seam cuts objects: every stitched object is one piece matching an untiled one.
+    assert connected(b, connectivity=1).max() == nine.n_objects
+    assert match_labels(a, b, iou_threshold=0.9).tp >= 0.995 * one.n_objects
+    # And the untiled run is the segmenter itself.
+    image, truth, segment = slide
+    assert match_labels(segment(image.compute()), a).mean_matched_iou == 1.0
+    assert match_labels(truth, b).f1 > 0.9
+
+
+def test_ids_unique_consecutive_and_centroids(runs):
+    _, nine = runs["nine"]
+    lab = nine.labels[:]
+    assert nine.labels.dtype == np.uint32 and nine.labels.chunks == (512, 512)
+    np.testing.assert_array_equal(np.unique(lab[lab > 0]), np.arange(1, nine.n_objects + 1))
+    assert nine.centroids_yx_px.shape == (nine.n_objects, 2)
+    ids = lab[tuple(np.round(nine.centroids_yx_px).astype(int).T)]
+    assert (ids == np.arange(1, nine.n_objects + 1)).mean() > 0.95
+
+
+def test_deterministic_across_runs_and_schedulers(runs, slide, tmp_path):
+    _, again = _run(slide, tmp_path, "again", 256.0)
+    ref = runs["nine"][1].labels[:]
+    np.testing.assert_array_equal(again.labels[:], ref)
+    np.testing.assert_array_equal(runs["nine_sync"][1].labels[:], ref)
+    # Stash removed, only the outputs remain.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.zarr"]
+
+
+def test_distributed_client_gives_same_labels(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    image, _ = make_nuclei((600, 600), pixel_um=PIXEL_UM, seed=5)
+    segment = functools.partial(segment_nuclei_classic, pixel_um=PIXEL_UM, threshold=0.3)
+    grid = tile_grid(image.shape, pixel_um=PIXEL_UM, tile_um=128.0)
+    x = da.from_array(image, chunks=(250, 250))
+    with dask.config.set(scheduler="synchronous"):
+        ref = segment_tiled(x, segment, grid=grid, store=tmp_path / "ref.zarr").labels[:]
+    with distributed.Client(processes=False, n_workers=2, threads_per_worker=1,
+                            dashboard_address=None):
+        out = segment_tiled(x, segment, grid=grid, store=tmp_path / "dist.zarr")
+    np.testing.assert_array_equal(out.labels[:], ref)
+
+
+def _shifted_at_edges(window, *, threshold):
+    """A segmenter that sees objects 2 px further left in windows of odd width.
+
+    Edge-column windows of the grid below have odd widths, the middle column an
+    even one, so objects near the seams are claimed by two tiles.
+    """
+    lab = connected(window > threshold).astype(np.int32)
+    if window.shape[1] % 2:
+        lab = np.concatenate([lab[:, 2:], np.zeros_like(lab[:, :2])], axis=1)
+    return lab
+
+
+def test_duplicates_from_disagreeing_tiles_are_dropped(tmp_path):
+    # Discs centred 1 px right of the seam at x = 200: the left tile (shifted
+    # view) and the middle tile both own them.
+    shape = (400, 600)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    image = np.zeros(shape, np.float32)
+    centres = [(60, 201), (140, 201), (250, 398.5), (330, 100)]
+    for cy, cx in centres:
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 <= 36] = 1.0
+    grid = tile_grid(shape, pixel_um=PIXEL_UM, tile_um=100.0, overlap_um=30.5, max_object_um=20.0)
+    assert [t.padded_shape[1] % 2 for t in grid.tiles[:3]] == [1, 0, 1]
+    segment = functools.partial(_shifted_at_edges, threshold=0.5)
+    out = segment_tiled(da.from_array(image, chunks=128), segment, grid=grid, store=tmp_path / "d.zarr")
+    lab = out.labels[:]
+    assert out.n_objects == len(centres)
+    np.testing.assert_array_equal(np.unique(lab[lab > 0]), np.arange(1, len(centres) + 1))
+    assert connected(lab, connectivity=1).max() == len(centres)
+    # The lower (left) tile won: its disc, seen 2 px left (x 193..205), is kept.
+    assert lab[60, 193] > 0 and lab[60, 206] == 0 and lab[140, 193] > 0
+
+
+def test_rejects_shape_mismatch(tmp_path):
+    grid = tile_grid((100, 100), pixel_um=PIXEL_UM)
+    with pytest.raises(ValueError, match="does not match"):
+        segment_tiled(da.zeros((50, 100)), np.zeros_like, grid=grid, store=tmp_path / "x.zarr")
+
+
+def test_writes_into_existing_group_array(tmp_path):
+    image = np.zeros((300, 300), np.float32)
+    image[100:110, 100:110] = 1.0
+    grid = tile_grid(image.shape, pixel_um=PIXEL_UM, tile_um=64.0)
+    root = zarr.open_group(tmp_path / "l.zarr", mode="w", zarr_format=2)
+    root.create_array("labels/nuclei/0", shape=image.shape, chunks=(64, 64), dtype="uint32", fill_value=0)
+    seg = functools.partial(_shifted_at_edges, threshold=2.0)
+    out = segment_tiled(da.from_array(image), seg, grid=grid, store=root["labels/nuclei"], component="0")
+    assert out.labels.path == "labels/nuclei/0" and out.n_objects == 0
+    segment = functools.partial(segment_nuclei_classic, pixel_um=PIXEL_UM, threshold=0.5)
+    out = segment_tiled(da.from_array(image), segment, grid=grid, store=root["labels/nuclei"])
+    assert out.n_objects == 1 and root["labels/nuclei/0"][105, 105] == 1
