@@ -6,7 +6,11 @@ PY := $(VENV)/bin/python
 # does not pull a multi-GB CUDA build; GPU servers install their own torch beforehand.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test clean
+VENV_TF := .venv-tf
+# Official TensorFlow StarDist: only for the equivalence test and the benchmark, never at run time.
+TF_SPECS ?= tensorflow-cpu==2.21.0 tf-keras==2.21.0 stardist==0.9.2
+
+.PHONY: venv demo test bench-segment clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +21,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 venv: $(VENV)/.installed
 
+$(VENV_TF)/.installed:
+	$(PYTHON) -m venv $(VENV_TF)
+	$(VENV_TF)/bin/python -m pip install -q --upgrade pip
+	$(VENV_TF)/bin/python -m pip install -q $(TF_SPECS)
+	touch $@
+
 demo: venv
 	$(VENV)/bin/tme synth --out demo/data --patients 2 --seed 7 --size-mm 2 1.5
 	$(VENV)/bin/tme run demo/data/manifest.csv --out demo/out
@@ -24,8 +34,11 @@ demo: venv
 	@echo "Demo cohort:  demo/data/manifest.csv (truth in demo/data/truth/)"
 	@echo "Outputs:      demo/out/run.json and demo/out/slides/<slide_id>/"
 
-test: venv
-	$(PY) -m pytest -q tests
+test: venv $(VENV_TF)/.installed
+	TME_REQUIRE_TF_REFERENCE=1 $(PY) -m pytest -q tests
+
+bench-segment: venv $(VENV_TF)/.installed
+	$(PY) scripts/bench_segment.py --out bench_out/segment.json
 
 clean:
-	rm -rf $(VENV) demo
+	rm -rf $(VENV) $(VENV_TF) demo

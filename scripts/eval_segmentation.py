@@ -28,7 +28,7 @@ THRESHOLDS = (0.5, 0.7, 0.9)
 def score_slide(truth_dir: Path, slide_dir: Path) -> dict:
     meta = json.loads((truth_dir / "truth.json").read_text())
     truth = tifffile.imread(truth_dir / "nuclei_crop.tif")
-    y0, x0 = meta["crop_origin_yx"]
+    y0, x0 = meta["crop"]["y0"], meta["crop"]["x0"]
     labels = zarr.open_group(str(slide_dir / "labels.ome.zarr"), mode="r")["labels/nuclei/0"]
     pred = np.asarray(labels[y0 : y0 + truth.shape[0], x0 : x0 + truth.shape[1]])
     result = {"slide_id": slide_dir.name, "crop_origin_yx": [y0, x0], "crop_shape": list(truth.shape)}

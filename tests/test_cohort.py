@@ -44,7 +44,11 @@ def cohort(tmp_path_factory):
         "C,pre,slides/C_pre.tif,,3\n"
         "C,post,slides/C_post.ome.tif,,3\n"
     )
-    (root / "plain.yaml").write_text("channel_names: [" + ", ".join(NAMES) + "]\n")
+    # the classical segmenter: this module tests formats and batch behaviour, and the
+    # truth comparison below needs a segmenter independent of any training run
+    (root / "plain.yaml").write_text(
+        "channel_names: [" + ", ".join(NAMES) + "]\nsegmentation: {method: classic}\n"
+    )
     code = main(["run", str(root / "manifest.csv"), "--out", str(root / "out"), "--config", str(root / "plain.yaml")])
     return root, truth, code
 

@@ -78,6 +78,11 @@ def run_cohort(
         log.warning("removed the partial output of an interrupted run: %s", stale)
 
     started = datetime.now(timezone.utc)
+    header = {
+        "manifest": str(manifest.path),
+        "config_file": str(Path(config_path).resolve()) if config_path else None,
+        **provenance(config),
+    }
     results: list[SlideResult] = []
     scheduler = scheduler or config.run.scheduler
     with dask_scheduler(scheduler, n_workers=config.run.n_workers) as scheduler_info:
@@ -103,16 +108,15 @@ def run_cohort(
                     error=f"{type(error).__name__}: {error}",
                 )
             results.append(result)
-            write_json(out / "run.json", _run_record(manifest, config, config_path, results, started, scheduler_info))
+            write_json(out / "run.json", _run_record(manifest, header, results, started, scheduler_info))
     result = CohortResult(out=out, manifest=manifest, slides=tuple(results))
-    write_json(out / "run.json", _run_record(manifest, config, config_path, results, started, scheduler_info, done=True))
+    write_json(out / "run.json", _run_record(manifest, header, results, started, scheduler_info, done=True))
     return result
 
 
 def _run_record(
     manifest: Manifest,
-    config: Config,
-    config_path: str | Path | None,
+    header: dict,
     results: list[SlideResult],
     started: datetime,
     scheduler: str,
@@ -124,10 +128,8 @@ def _run_record(
         "status": "complete" if done else "running",
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds") if done else None,
-        "manifest": str(manifest.path),
-        "config_file": str(Path(config_path).resolve()) if config_path else None,
         "scheduler": scheduler,
-        **provenance(config),
+        **header,
         "slides": [
             {
                 "slide_id": r.slide_id,

@@ -17,6 +17,7 @@ __all__ = [
     "MarkerSpec",
     "SegmentationConfig",
     "ClassicConfig",
+    "StarDistSettings",
     "RunConfig",
     "load_config",
     "default_config_path",
@@ -50,13 +51,28 @@ class ClassicConfig(_Strict):
     max_area_um2: float = Field(400.0, gt=0)
 
 
+class StarDistSettings(_Strict):
+    """The StarDist nucleus model and how it runs."""
+
+    model: str = Field(
+        "stardist_fluo_synth",
+        description="a model folder, or the name of one under the shipped models/ "
+        "(ours: weights.pt + config.json; or an official StarDist Keras folder)",
+    )
+    prob_thresh: float | None = Field(None, ge=0, le=1, description="null: the model's thresholds.json")
+    nms_thresh: float | None = Field(None, ge=0, le=1, description="null: the model's thresholds.json")
+    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda or cuda:N")
+    batch_size: int | None = Field(None, ge=1, description="patches per forward pass; null: by device")
+
+
 class SegmentationConfig(_Strict):
     """Nucleus segmentation and the tile grid it runs on (µm)."""
 
-    method: Literal["classic"] = "classic"
+    method: Literal["stardist", "classic"] = "stardist"
     channel: str = "DAPI"
     tile_um: float = Field(512.0, gt=0)
     overlap_um: float = Field(40.0, ge=0)
+    stardist: StarDistSettings = StarDistSettings()
     classic: ClassicConfig = ClassicConfig()
 
 

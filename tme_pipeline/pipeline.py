@@ -16,6 +16,7 @@ from .io.labels import create_labels_zarr, write_label_pyramid, write_overview_i
 from .io.results import is_complete, partial_dir
 from .io.slides import Slide, open_slide
 from .panel import PanelMatch, match_panel
+from .progress import progress
 from .quantify import measure_objects
 from .segment.classic import classic_threshold, segment_nuclei_classic
 from .tiling import segment_tiled, tile_grid
@@ -82,6 +83,23 @@ def segmentation_function(config: Config, *, pixel_um: float, nuclear_lowres: np
         Picklable; maps a padded tile (Y, X) to int32 labels.
     """
     seg = config.segmentation
+    if seg.method == "stardist":
+        from .segment.predict import make_tile_segmenter, slide_norm
+        from .segment.registry import model_folder
+        from .segment.weights import load_model
+
+        settings = seg.stardist
+        model = load_model(model_folder(settings.model))
+        return make_tile_segmenter(
+            model,
+            pixel_um=pixel_um,
+            norm=slide_norm(nuclear_lowres, percentiles=model.config.norm_percentiles),
+            device=None if settings.device == "auto" else settings.device,
+            prob_thresh=settings.prob_thresh,
+            nms_thresh=settings.nms_thresh,
+            batch_size=settings.batch_size,
+            n_threads=config.run.torch_threads,
+        )
     if seg.method == "classic":
         threshold = classic_threshold(nuclear_lowres)
         params = seg.classic
@@ -159,9 +177,10 @@ def run_slide(
         labels_root = create_labels_zarr(
             tmp / "labels.ome.zarr", shape_yx=slide.shape_yx, pixel_um=slide.pixel_um, chunk_px=grid.tile_px
         )
-        stitched = segment_tiled(
-            slide.levels[0][nuclear_channel], segment_tile, grid=grid, store=labels_root["labels/nuclei"], component="0"
-        )
+        with progress(f"{slide_id}: segmenting {grid.n_tiles} tiles"):
+            stitched = segment_tiled(
+                slide.levels[0][nuclear_channel], segment_tile, grid=grid, store=labels_root["labels/nuclei"], component="0"
+            )
         t = lap("segment", t)
         write_label_pyramid(labels_root, "nuclei", pixel_um=slide.pixel_um)
         write_overview_image(

@@ -42,6 +42,29 @@ def config_hash(config: Config) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _models(config: Config) -> dict:
+    """The nucleus model in use: folder, SHA-256 of its weights, thresholds."""
+    seg = config.segmentation
+    if seg.method != "stardist":
+        return {seg.method: None}  # the classical segmenter has no weights
+    from .segment.registry import model_folder
+    from .segment.weights import load_model
+
+    try:
+        model = load_model(model_folder(seg.stardist.model))
+    except (FileNotFoundError, ValueError) as error:
+        return {"stardist": {"model": seg.stardist.model, "error": str(error)}}
+    return {
+        "stardist": {
+            "model": seg.stardist.model,
+            "folder": str(model.path),
+            "sha256": model.sha256,
+            "thresholds": {"prob": model.thresholds.prob, "nms": model.thresholds.nms},
+            "pixel_um": model.config.pixel_um,
+        }
+    }
+
+
 def provenance(config: Config) -> dict:
     """Versions, platform, resolved config and model hashes, for ``run.json``."""
     return {
@@ -50,6 +73,5 @@ def provenance(config: Config) -> dict:
         "versions": {name: _version(name) for name in _PACKAGES},
         "config": config.model_dump(mode="json"),
         "config_sha256": config_hash(config),
-        # segmenter -> SHA-256 of its weights; the classical segmenter has none
-        "models": {config.segmentation.method: None},
+        "models": _models(config),
     }

@@ -1,0 +1,195 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from skimage.transform import resize
+from torch.nn import functional as F
+
+from blobs import make_nuclei
+from tme_pipeline.segment.metrics import match_labels
+from tme_pipeline.segment.net import StarDistConfig, StarDistNet
+from tme_pipeline.segment.predict import (
+    inference_settings,
+    make_tile_segmenter,
+    predict_prob_dist,
+    segment_nuclei,
+    slide_norm,
+)
+from tme_pipeline.segment.weights import StarDistModel, Thresholds, load_model, save_model
+
+SMALL = StarDistConfig(n_rays=16, unet_n_depth=2, unet_n_filter_base=8, net_conv_after_unet=16, pixel_um=0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A randomly initialised small model, saved and reloaded; its prob sits near
+    0.5, its rays are ~4 px long (bias), so that it draws objects."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny")
+    net = StarDistNet(SMALL)
+    torch.nn.init.constant_(net.layers["dist"].bias, 4.0)
+    save_model(folder, net, SMALL, Thresholds(prob=0.5, nms=0.4))
+    return load_model(folder)
+
+
+@pytest.fixture(scope="module")
+def nuclei():
+    return make_nuclei((200, 232), pixel_um=0.5, seed=5)
+
+
+def _thresh_with_objects(model, image):
+    """A probability threshold that a few per cent of grid pixels pass (away from
+    the border, where a random net's output is extreme and StarDist ignores it)."""
+    lo, hi = slide_norm(image)
+    prob, _ = predict_prob_dist((image - lo) / (hi - lo), model=model, device="cpu")
+    return float(np.quantile(prob[4:-4, 4:-4], 0.97))
+
+
+def test_runs_deterministic_and_typed(tiny_model, nuclei):
+    image, _ = nuclei
+    thr = _thresh_with_objects(tiny_model, image)
+    a = segment_nuclei(image, 0.5, model=tiny_model, prob_thresh=thr, device="cpu")
+    b = segment_nuclei(image, 0.5, model=tiny_model.path, prob_thresh=thr, device="cpu")
+    assert a.shape == image.shape and a.dtype == np.int32
+    assert a.max() > 0
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(np.unique(a), np.arange(a.max() + 1))
+
+
+def test_any_input_dtype(tiny_model, nuclei):
+    image, _ = nuclei
+    thr = _thresh_with_objects(tiny_model, image)
+    as_u16 = (image / image.max() * 60000).astype(np.uint16)
+    labels = segment_nuclei(as_u16, 0.5, model=tiny_model, prob_thresh=thr, device="cpu")
+    assert labels.dtype == np.int32 and labels.max() > 0
+
+
+def test_patches_do_not_change_the_result(tiny_model, nuclei):
+    image, _ = nuclei
+    thr = _thresh_with_objects(tiny_model, image)
+    whole = segment_nuclei(image, 0.5, model=tiny_model, prob_thresh=thr, device="cpu")
+    patched = segment_nuclei(image, 0.5, model=tiny_model, prob_thresh=thr, device="cpu", tile_px=32,
+                             batch_size=3)
+    assert match_labels(whole, patched, iou_threshold=0.9).f1 >= 0.99
+
+
+@pytest.mark.parametrize("image", [np.zeros((64, 80), np.float32), np.full((70, 50), 7, np.uint16),
+                                   np.zeros((0, 0), np.float32), np.zeros((1, 300), np.float32)])
+def test_empty_and_constant_images_give_no_nuclei(tiny_model, image):
+    labels = segment_nuclei(image, 0.5, model=tiny_model, prob_thresh=0.0, device="cpu")
+    assert labels.shape == image.shape and labels.dtype == np.int32 and labels.max(initial=0) == 0
+
+
+def test_input_validation(tiny_model):
+    with pytest.raises(ValueError, match="2-D"):
+        segment_nuclei(np.zeros((2, 8, 8)), 0.5, model=tiny_model)
+    with pytest.raises(ValueError, match="pixel_um"):
+        segment_nuclei(np.zeros((8, 8)), 0.0, model=tiny_model)
+
+
+def test_slide_norm():
+    assert slide_norm(np.arange(1001.0)) == pytest.approx((10.0, 998.0))
+    assert slide_norm(np.arange(101), percentiles=(0, 100)) == (0.0, 100.0)
+
+
+def test_inference_settings_by_device(monkeypatch):
+    cpu = inference_settings("cpu")
+    assert (cpu.device, cpu.autocast_dtype, cpu.pin_memory, cpu.non_blocking) == ("cpu", None, False, False)
+    assert inference_settings("cpu", precision="bf16").autocast_dtype == "bfloat16"
+    cuda = inference_settings("cuda:1")
+    assert (cuda.device, cuda.autocast_dtype, cuda.pin_memory, cuda.non_blocking) == ("cuda:1", "float16", True,
+                                                                                     True)
+    assert inference_settings("cuda", precision="fp32").autocast_dtype is None
+    with pytest.raises(ValueError, match="precision"):
+        inference_settings("cpu", precision="fp16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert inference_settings().device == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert inference_settings().autocast_dtype == "float16"
+
+
+def test_bf16_on_cpu_runs_the_same_code_path(tiny_model, nuclei):
+    image, _ = nuclei
+    lo, hi = slide_norm(image)
+    x = (image - lo) / (hi - lo)
+    prob32, dist32 = predict_prob_dist(x, model=tiny_model, device="cpu")
+    prob16, dist16 = predict_prob_dist(x, model=tiny_model, device="cpu", precision="bf16")
+    assert prob16.dtype == np.float32 and prob16.shape == prob32.shape
+    assert 0 < np.abs(prob16 - prob32).max() < 0.02
+
+
+def test_tile_segmenter_pickles_and_loads_lazily(tiny_model, nuclei):
+    image, _ = nuclei
+    thr = _thresh_with_objects(tiny_model, image)
+    norm = slide_norm(image[::4, ::4])
+    seg = make_tile_segmenter(tiny_model, pixel_um=0.5, norm=norm, device="cpu", prob_thresh=thr)
+    blob = pickle.dumps(seg)
+    assert len(blob) < 2000  # the folder path travels, not the weights
+    worker = pickle.loads(blob)
+    assert worker._model is None
+    labels = worker(image)
+    first = worker._model
+    np.testing.assert_array_equal(worker(image), labels)
+    assert worker._model is first
+    expected = segment_nuclei(image, 0.5, model=tiny_model, prob_thresh=thr, norm=norm, device="cpu")
+    np.testing.assert_array_equal(labels, expected)
+    by_path = make_tile_segmenter(tiny_model.path, pixel_um=0.5, norm=norm, device="cpu", prob_thresh=thr)
+    np.testing.assert_array_equal(by_path(image), labels)
+
+
+def test_tile_segmenter_needs_a_folder(tiny_model):
+    unsaved = StarDistModel(net=tiny_model.net, config=SMALL, thresholds=tiny_model.thresholds, sha256="")
+    with pytest.raises(ValueError, match="no folder"):
+        make_tile_segmenter(unsaved, pixel_um=0.5, norm=(0, 1))
+
+
+class _DiskOracle(torch.nn.Module):
+    """A stand-in net whose output we know: prob = mean intensity in a disk of
+    radius R around each pixel (peaks at the centre of a disk of radius R),
+    every ray of length R. On disks of radius R it finds exactly those disks."""
+
+    def __init__(self, config, radius_px):
+        super().__init__()
+        self.config, self.radius_px = config, radius_px
+        r = int(np.ceil(radius_px))
+        yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+        disk = (np.hypot(yy, xx) <= radius_px).astype(np.float32)
+        self.register_buffer("kernel", torch.from_numpy(disk / disk.sum())[None, None])
+
+    def forward(self, x):
+        gy, gx = self.config.grid
+        mean = F.conv2d(x, self.kernel, padding=self.kernel.shape[-1] // 2)[..., ::gy, ::gx]
+        dist = torch.full((x.shape[0], self.config.n_rays, *mean.shape[2:]), self.radius_px)
+        return mean, dist
+
+
+def _disks(shape, radius_px, centres):
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    labels = np.zeros(shape, np.int32)
+    for i, (cy, cx) in enumerate(centres, 1):
+        labels[np.hypot(yy - cy, xx - cx) <= radius_px] = i
+    return labels
+
+
+def test_resampling_renders_objects_on_the_input_grid():
+    radius = 6.0  # px at the model's 0.5 µm
+    cfg = StarDistConfig(n_rays=32, pixel_um=0.5)
+    model = StarDistModel(net=_DiskOracle(cfg, radius), config=cfg, thresholds=Thresholds(0.6, 0.3), sha256="")
+    rng = np.random.default_rng(0)
+    centres = [(y + rng.uniform(-3, 3), x + rng.uniform(-3, 3)) for y in range(20, 190, 30) for x in range(20, 230, 30)]
+    truth = _disks((200, 240), radius, centres)
+    image = (truth > 0).astype(np.float32)
+    at_05 = segment_nuclei(image, 0.5, model=model, device="cpu")
+    assert match_labels(truth, at_05, iou_threshold=0.7).f1 == 1.0
+
+    # The same slide scanned at 0.25 µm: twice the pixels, same objects.
+    truth_fine = _disks((400, 480), 2 * radius, [(2 * cy + 0.5, 2 * cx + 0.5) for cy, cx in centres])
+    fine = resize(image, (400, 480), order=1)
+    at_025 = segment_nuclei(fine, 0.25, model=model, device="cpu")
+    assert at_025.shape == fine.shape
+    assert match_labels(truth_fine, at_025, iou_threshold=0.7).f1 == 1.0
+    assert match_labels(at_05, resize(at_025, at_05.shape, order=0, anti_aliasing=False,
+                                      preserve_range=True).astype(np.int32), iou_threshold=0.5).f1 == 1.0
+    # Within 5 % of the model's pixel size nothing is resampled.
+    np.testing.assert_array_equal(segment_nuclei(image, 0.51, model=model, device="cpu"), at_05)

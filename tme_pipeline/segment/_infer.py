@@ -1,0 +1,153 @@
+"""Run a StarDist net over a 2-D image in batched patches, on CPU or CUDA.
+
+Patches overlap by the net's receptive field, so their outputs are those of a
+whole-image pass (float rounding aside) and the patch size is only a speed
+and memory knob. The image is padded at its end (reflect) to a multiple of the
+net's ``div_by`` exactly as ``StarDist2D`` does, and patches are clamped inside
+it, so that the image border is seen as in a whole-image pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from .weights import StarDistModel
+
+__all__ = ["InferenceSettings", "inference_settings", "run_net"]
+
+# Patch core size when none is given, px: large enough that the context
+# (receptive field, 128 px a side) costs little, small enough that a patch's
+# activations stay within ~2 GB (float32).
+_DEFAULT_TILE_PX = 2048
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How the net runs on a device.
+
+    Attributes
+    ----------
+    device : str
+        Torch device string.
+    autocast_dtype : {"float16", "bfloat16"} or None
+        Run the net under ``torch.autocast`` in this dtype; ``None``: float32.
+    pin_memory : bool
+        Stage host batches in page-locked memory (CUDA only).
+    non_blocking : bool
+        Asynchronous host-to-device copies (needs pinned memory).
+    channels_last : bool
+        NHWC memory format, faster for convolutions on CPU (oneDNN) and
+        tensor cores.
+    """
+
+    device: str
+    autocast_dtype: str | None
+    pin_memory: bool
+    non_blocking: bool
+    channels_last: bool = True
+
+
+def inference_settings(device: str | None = None, *, precision: str | None = None) -> InferenceSettings:
+    """Settings for ``device``; ``None`` picks CUDA when available, else CPU.
+
+    Parameters
+    ----------
+    device : str, optional
+        Torch device string.
+    precision : {"fp32", "fp16", "bf16"}, optional
+        Arithmetic of the net. Default: fp16 (autocast) on CUDA, fp32 on CPU,
+        where fp32 reproduces the official StarDist to ~1e-6. bf16 on CPUs
+        with AVX512-BF16/AMX is ~2x faster, prob within ~1e-2.
+
+    >>> inference_settings("cpu").autocast_dtype is None
+    True
+    """
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = torch.device(device).type == "cuda"
+    precision = precision or ("fp16" if cuda else "fp32")
+    dtypes = {"fp32": None, "fp16": "float16", "bf16": "bfloat16"}
+    if precision not in dtypes or (precision == "fp16" and not cuda):
+        raise ValueError(f"precision must be one of fp32, bf16, fp16 (CUDA only), got {precision!r} for {device}")
+    return InferenceSettings(device=str(device), autocast_dtype=dtypes[precision], pin_memory=cuda,
+                             non_blocking=cuda)
+
+
+def run_net(
+    x: np.ndarray, model: "StarDistModel", settings: InferenceSettings, tile_px: int | None, batch_size: int | None
+) -> Iterator[tuple[tuple[int, int], "torch.Tensor", "torch.Tensor"]]:
+    """Net output patch by patch.
+
+    Parameters
+    ----------
+    x : (Y, X) float32 ndarray
+        Normalised image at the model's pixel size.
+    model : StarDistModel
+        Its net is moved to ``settings.device`` (and channels-last).
+    settings : InferenceSettings
+    tile_px : int, optional
+        Patch core size, px; default 2048. Rounded down to a multiple of
+        ``div_by``. Windows are core + receptive field on each side, all of
+        one shape (clamped inside the image), so that they batch.
+    batch_size : int, optional
+        Windows per forward pass; default 4 on CUDA, 1 on CPU.
+
+    Yields
+    ------
+    offset : (int, int)
+        Core origin in output-grid px (Y, X).
+    prob : (h, w) float32 tensor on the device
+    dist : (n_rays, h, w) float32 tensor on the device
+        Raw net output (not clipped).
+    """
+    import torch
+
+    cfg = model.config
+    dev_type = torch.device(settings.device).type
+    div, grid = cfg.div_by, cfg.grid
+    tile_px = tile_px or _DEFAULT_TILE_PX
+    batch_size = batch_size or (4 if dev_type == "cuda" else 1)
+    pad = [(0, (-n) % d) for n, d in zip(x.shape, div)]
+    xp = np.pad(x, pad, mode="reflect" if min(x.shape) > 1 else "edge")
+    core = [max(d, tile_px // d * d) for d in div]
+    # The whole receptive field as context: patches then give the whole-image
+    # result (float rounding aside), so the patch size is a speed knob only.
+    ctx = [math.ceil(cfg.receptive_radius_px / d) * d for d in div]
+    size = [n if n <= c + 2 * m else c + 2 * m for n, c, m in zip(xp.shape, core, ctx)]
+    # (window start, core start, core stop) per axis, input px.
+    axes = []
+    for n, c, m, s in zip(xp.shape, core, ctx, size):
+        axes.append([(min(max(c0 - m, 0), n - s), c0, min(c0 + c, n)) for c0 in range(0, n, c)] if s < n
+                    else [(0, 0, n)])
+    windows = [(wy, wx) for wy in axes[0] for wx in axes[1]]
+
+    net = model.net.to(settings.device)
+    if settings.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    autocast = (torch.autocast(dev_type, dtype=getattr(torch, settings.autocast_dtype))
+                if settings.autocast_dtype else contextlib.nullcontext())
+    with torch.inference_mode(), autocast:
+        for b0 in range(0, len(windows), batch_size):
+            batch = windows[b0:b0 + batch_size]
+            host = torch.from_numpy(np.stack([xp[wy[0]:wy[0] + size[0], wx[0]:wx[0] + size[1]] for wy, wx in batch]))
+            host = host[:, None]
+            if settings.pin_memory:
+                host = host.pin_memory()
+            t = host.to(settings.device, non_blocking=settings.non_blocking)
+            if settings.channels_last:
+                t = t.contiguous(memory_format=torch.channels_last)
+            prob, dist = net(t)
+            for k, (wy, wx) in enumerate(batch):
+                sl = [slice((c0 - w0) // g, (c1 - w0) // g) for (w0, c0, c1), g in zip((wy, wx), grid)]
+                yield ((wy[1] // grid[0], wx[1] // grid[1]),
+                       prob[k, 0, sl[0], sl[1]].float(), dist[k, :, sl[0], sl[1]].float())

@@ -1,0 +1,10 @@
+"""Synthetic multiplex immunofluorescence slides with ground truth (test oracle, training set)."""
+
+from .cells import CELL_TYPES, MARKERS
+from .cohort import synth_cohort
+from .layout import SlideCondition
+from .slide import synth_slide
+from .truth import SlideTruth, load_truth, render_truth_labels
+
+__all__ = ["CELL_TYPES", "MARKERS", "SlideCondition", "SlideTruth", "load_truth", "render_truth_labels",
+           "synth_cohort", "synth_slide"]
