@@ -48,6 +48,24 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .segment.segment_file import segment_file
+
+    config = load_config(args.config)
+    if args.model or args.method:
+        seg = config.segmentation
+        update = {}
+        if args.method:
+            update["method"] = args.method
+        if args.model:
+            update["stardist"] = seg.stardist.model_copy(update={"model": args.model})
+        config = config.model_copy(update={"segmentation": seg.model_copy(update=update)})
+    n = segment_file(args.image, args.out, config=config, channel=args.channel, pixel_um=args.pixel_um)
+    print(f"{n} nuclei -> {args.out}")
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .cohort import run_cohort
 
@@ -87,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixel-um", type=float, default=None, help="pixel size (µm) if the file has none")
     p.add_argument("--config", type=Path, default=None)
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("segment", help="segment the nuclei of one image into a label TIFF")
+    p.add_argument("image", type=Path, help="a slide (OME-TIFF, QPTIFF, OME-Zarr, TIFF) or a 2-D PNG")
+    p.add_argument("--out", required=True, type=Path, help="label TIFF to write")
+    p.add_argument("--channel", default="DAPI", help="nuclear channel name or panel marker")
+    p.add_argument("--pixel-um", type=float, default=None, help="pixel size (µm) if the file has none")
+    p.add_argument("--model", default=None, help="StarDist model folder or shipped model name")
+    p.add_argument("--method", choices=("stardist", "classic"), default=None)
+    p.add_argument("--config", type=Path, default=None)
+    p.set_defaults(func=_cmd_segment)
 
     p = sub.add_parser("run", help="run the pipeline on every slide of a manifest")
     p.add_argument("manifest", type=Path, help="CSV: patient_id,timepoint,slide[,pixel_um,...]")

@@ -1,0 +1,144 @@
+"""Nuclei of one image file into a label TIFF: `tme segment` for users who want nuclei only."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import tifffile
+import zarr
+
+from ..config import Config
+from ..io.slides import Slide, SlideError, open_slide
+from ..panel import normalise_name
+
+__all__ = ["segment_file"]
+
+log = logging.getLogger(__name__)
+
+_PLAIN_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def _open_plain_image(path: Path, pixel_um: float | None) -> Slide:
+    """A PNG/JPEG as a one-channel slide; such files carry no pixel size."""
+    from skimage.io import imread
+
+    if pixel_um is None:
+        raise SlideError(path, "a PNG/JPEG records no pixel size; give it with --pixel-um")
+    image = imread(path)
+    if image.ndim == 3:
+        if image.shape[-1] in (3, 4) and np.ptp(image[..., :3].astype(np.int64), axis=-1).max() == 0:
+            image = image[..., 0]  # grey stored as RGB(A)
+        else:
+            raise SlideError(path, f"expected a grey 2-D nuclear image, got shape {image.shape}")
+    if image.ndim != 2:
+        raise SlideError(path, f"expected a 2-D image, got shape {image.shape}")
+    return Slide(
+        path=path, format="image", levels=(da.from_array(image[None], chunks=(1, 1024, 1024)),),
+        channel_names=("nuclei",), pixel_um=float(pixel_um),
+    )
+
+
+def _channel(slide: Slide, channel: str, config: Config) -> int:
+    """Index of the nuclear channel: by name, by a panel alias, or the only channel."""
+    if slide.n_channels == 1:
+        return 0
+    wanted = {normalise_name(channel)}
+    if channel in config.panel:
+        wanted |= {normalise_name(a) for a in config.panel[channel].aliases}
+    for index, name in enumerate(slide.channel_names):
+        if normalise_name(name) in wanted:
+            return index
+    raise SlideError(slide.path, f"no channel {channel!r} among {', '.join(slide.channel_names)}; use --channel")
+
+
+def segment_file(
+    image_path: str | Path,
+    out_path: str | Path,
+    *,
+    config: Config,
+    channel: str = "DAPI",
+    pixel_um: float | None = None,
+) -> int:
+    """Segment the nuclei of one image and write them as a uint32 label TIFF.
+
+    The image is segmented tile by tile exactly as `tme run` does (same stitching,
+    memory bounded by the tile size), then written as a tiled OME-TIFF with the
+    pixel size (µm) of the input, through a temporary name.
+
+    Parameters
+    ----------
+    image_path : str or Path
+        Any slide :func:`tme_pipeline.io.slides.open_slide` reads, or a 2-D
+        PNG/JPEG (with ``pixel_um``).
+    out_path : str or Path
+        The label TIFF to write.
+    config : Config
+        Segmentation settings (method, model, tile size).
+    channel : str
+        Nuclear channel name or panel marker, for multichannel slides.
+    pixel_um : float, optional
+        Pixel size (µm) when the file has none.
+
+    Returns
+    -------
+    int
+        Number of nuclei.
+    """
+    from ..pipeline import lowres_channel, segmentation_function
+    from ..tiling import segment_tiled, tile_grid
+
+    image_path, out_path = Path(image_path), Path(out_path)
+    if image_path.suffix.lower() in _PLAIN_IMAGE_SUFFIXES:
+        slide = _open_plain_image(image_path, pixel_um)
+    else:
+        slide = open_slide(image_path, pixel_um=pixel_um)
+    index = _channel(slide, channel, config)
+    lowres, _ = lowres_channel(slide, index)
+    segment_tile = segmentation_function(config, pixel_um=slide.pixel_um, nuclear_lowres=lowres)
+    seg = config.segmentation
+    grid = tile_grid(slide.shape_yx, pixel_um=slide.pixel_um, tile_um=seg.tile_um, overlap_um=seg.overlap_um)
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".tme-segment-", dir=out_path.parent))
+    try:
+        store = zarr.open_group(str(work / "labels.zarr"), mode="w")
+        result = segment_tiled(slide.levels[0][index], segment_tile, grid=grid, store=store, component="0")
+        tmp = out_path.with_name(f".{out_path.name}.partial")
+        _write_label_tiff(tmp, result.labels, pixel_um=slide.pixel_um)
+        os.replace(tmp, out_path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log.info("%s: %d nuclei -> %s", image_path, result.n_objects, out_path)
+    return int(result.n_objects)
+
+
+def _write_label_tiff(path: Path, labels: zarr.Array, *, pixel_um: float, tile: int = 512) -> None:
+    """Stream a zarr label array into a tiled OME-TIFF, one tile at a time."""
+    height, width = labels.shape
+
+    def tiles():
+        for y in range(0, height, tile):
+            for x in range(0, width, tile):
+                block = np.zeros((tile, tile), dtype=np.uint32)
+                data = labels[y : y + tile, x : x + tile]
+                block[: data.shape[0], : data.shape[1]] = data
+                yield block
+
+    tifffile.imwrite(
+        path,
+        tiles(),
+        shape=(height, width),
+        dtype=np.uint32,
+        tile=(tile, tile),
+        compression="zlib",
+        photometric="minisblack",
+        metadata={"axes": "YX", "PhysicalSizeX": pixel_um, "PhysicalSizeXUnit": "µm",
+                  "PhysicalSizeY": pixel_um, "PhysicalSizeYUnit": "µm"},
+        ome=True,
+    )
