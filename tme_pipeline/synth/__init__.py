@@ -2,7 +2,7 @@
 
 from .cells import CELL_TYPES, MARKERS
 from .cohort import synth_cohort
-from .layout import SlideCondition
+from .condition import SlideCondition
 from .slide import synth_slide
 from .truth import SlideTruth, load_truth, render_truth_labels
 

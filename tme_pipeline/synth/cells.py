@@ -15,7 +15,8 @@ import pandas as pd
 from scipy.spatial import cKDTree
 from skimage.measure import points_in_poly
 
-from .layout import Layout, SlideCondition
+from .condition import SlideCondition
+from .layout import Layout
 
 MARKERS = ("DAPI", "CD3", "CD8", "CD20", "CD21", "FOXP3", "PDL1", "SATB2")
 CELL_TYPES = ("tumor", "fibroblast", "macrophage", "cd8_t", "cd4_t", "treg", "b_cell")

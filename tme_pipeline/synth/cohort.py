@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .layout import SlideCondition
+from .condition import SlideCondition
 from .slide import synth_slide
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,8 @@ from scipy import ndimage as ndi
 from skimage.draw import polygon as draw_polygon
 
 from .cells import MARKERS, make_artefacts, make_cells
-from .layout import Layout, SlideCondition, make_layout
+from .condition import SlideCondition
+from .layout import Layout, make_layout
 from .render import Acquisition, make_scene, render_block
 from .truth import SlideTruth, compute_metrics, tls_table, write_truth
 from .write import release_free_memory, write_pyramid
