@@ -68,7 +68,7 @@ class StarDistSettings(_Strict):
 class SegmentationConfig(_Strict):
     """Nucleus segmentation and the tile grid it runs on (µm)."""
 
-    method: Literal["stardist", "classic"] = "stardist"
+    method: Literal["stardist", "classic"] = "classic"
     channel: str = "DAPI"
     tile_um: float = Field(512.0, gt=0)
     overlap_um: float = Field(40.0, ge=0)

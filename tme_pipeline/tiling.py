@@ -302,7 +302,7 @@ def segment_tiled(
         )
         owned = [
             dask.delayed(_segment_and_stash, pure=False)(
-                image[tile.padded_slices], tile, grid, segment_tile, stash
+                _Window(image[tile.padded_slices]), tile, grid, segment_tile, stash
             )
             for tile in grid.tiles
         ]
@@ -357,8 +357,23 @@ def _local_dir(arr: zarr.Array) -> str | None:
     return str(Path(root).parent) if root is not None else None
 
 
-def _segment_and_stash(window, tile: Tile, grid: TileGrid, segment_tile, stash) -> _Owned:
-    window = np.asarray(window)
+class _Window:
+    """A tile's lazy window, opaque to the outer graph.
+
+    Read inside the task that segments it, so that a slide chunk is never held
+    in memory waiting for its other dependents: memory stays bounded by the
+    tiles in flight, however large the slide.
+    """
+
+    def __init__(self, array: da.Array) -> None:
+        self.array = array
+
+    def read(self) -> np.ndarray:
+        return np.asarray(self.array.compute(scheduler="synchronous"))
+
+
+def _segment_and_stash(window: _Window, tile: Tile, grid: TileGrid, segment_tile, stash) -> _Owned:
+    window = window.read()
     lab = np.asarray(segment_tile(window))
     if lab.shape != window.shape or not np.issubdtype(lab.dtype, np.integer):
         raise ValueError(
