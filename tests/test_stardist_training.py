@@ -14,7 +14,8 @@ from tme_pipeline.segment.augment import AugmentConfig, augment_patch, source_wi
 from tme_pipeline.segment.net import StarDistConfig  # noqa: E402
 from tme_pipeline.segment.targets import stardist_targets  # noqa: E402
 from tme_pipeline.segment.training import (  # noqa: E402
-    SynthImage, TrainConfig, pooled_scores, sample_batch, stardist_loss, train_stardist)
+    SynthImage, TrainConfig, sample_batch, stardist_loss, train_stardist)
+from tme_pipeline.segment.tuning import pooled_scores  # noqa: E402
 
 from blobs import make_nuclei  # noqa: E402
 

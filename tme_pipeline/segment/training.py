@@ -12,7 +12,8 @@ The recipe is the official ``StarDist2D.train`` one, on our synthetic DAPI:
 - patches biased to nuclei and tissue (the official ``train_foreground_only``),
   augmented by :mod:`tme_pipeline.segment.augment`;
 - thresholds chosen on held-out synthetic slides through the very
-  :func:`~tme_pipeline.segment.predict.segment_nuclei` users call.
+  :func:`~tme_pipeline.segment.predict.segment_nuclei` users call
+  (:mod:`tme_pipeline.segment.tuning`).
 
 Randomness: the net's initialisation from ``seed``; batch ``k`` from
 ``numpy.random.default_rng([seed, k])``, so a run is reproducible step by step.
@@ -20,7 +21,6 @@ Randomness: the net's initialisation from ``seed``; batch ``k`` from
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -34,10 +34,9 @@ from torch.nn import functional as F
 from .augment import AugmentConfig, augment_patch, source_window_px
 from .net import StarDistConfig, StarDistNet
 from .targets import stardist_targets
-from .weights import StarDistModel, Thresholds
 
-__all__ = ["SynthImage", "TrainConfig", "condition_for_seed", "evaluate_model", "optimize_thresholds",
-           "pooled_scores", "sample_batch", "stardist_loss", "synthetic_images", "train_stardist"]
+__all__ = ["SynthImage", "TrainConfig", "condition_for_seed", "sample_batch", "stardist_loss", "synthetic_images",
+           "train_stardist"]
 
 logger = logging.getLogger(__name__)
 
@@ -266,6 +265,7 @@ def train_stardist(
     images: list[SynthImage], *, net_config: StarDistConfig, config: TrainConfig,
     val_images: list[SynthImage] | None = None, val_every: int = 250,
     on_checkpoint: Callable[[StarDistNet, int], None] | None = None,
+    init_state: dict[str, torch.Tensor] | None = None,
 ) -> tuple[StarDistNet, list[dict]]:
     """Train a StarDist net on synthetic images.
 
@@ -282,6 +282,9 @@ def train_stardist(
         Steps between validation losses and checkpoint calls.
     on_checkpoint : callable(net, step), optional
         Called every ``val_every`` steps and at the end (e.g. to save weights).
+    init_state : dict of str -> Tensor, optional
+        Initial weights (a state dict of the same architecture) to continue
+        from instead of a random initialisation.
 
     Returns
     -------
@@ -293,6 +296,8 @@ def train_stardist(
     """
     torch.manual_seed(config.seed)
     net = StarDistNet(net_config)
+    if init_state is not None:
+        net.load_state_dict(init_state)
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(config.steps, 1),
@@ -304,6 +309,8 @@ def train_stardist(
               for k in range(4)]
         val_batch = [tuple(torch.from_numpy(a) for a in b) for b in vb]
     history, run, t0 = [], np.zeros(3), time.perf_counter()
+    if config.steps == 0:
+        return net.eval(), history
     for step in range(1, config.steps + 1):
         x, prob, dist = (torch.from_numpy(a) for a in
                          sample_batch(images, rng=np.random.default_rng([config.seed, step]), **kw))
@@ -340,103 +347,3 @@ def _val_loss(net, val_batch, config: TrainConfig) -> float | None:
                                       background_reg=config.background_reg)[0]) for x, prob, dist in val_batch]
     net.train()
     return round(float(np.mean(losses)), 5)
-
-
-def pooled_scores(
-    truths: list[np.ndarray], preds: list[np.ndarray], *, iou_thresholds: tuple[float, ...] = (0.5,)
-) -> dict[float, dict]:
-    """Object-matching scores pooled over images.
-
-    Parameters
-    ----------
-    truths, preds : list of (Y, X) int ndarray
-        True and predicted label images, pairwise of equal shape.
-    iou_thresholds : tuple of float
-
-    Returns
-    -------
-    dict of iou_threshold -> {"tp", "fp", "fn", "precision", "recall", "f1", "mean_matched_iou"}
-        Counts summed over images, scores from the sums; mean matched IoU
-        weighted by matches (NaN without any).
-    """
-    from .metrics import match_labels
-
-    out = {}
-    for t in iou_thresholds:
-        stats = [match_labels(y, p, iou_threshold=t) for y, p in zip(truths, preds)]
-        tp, fp, fn = (int(sum(getattr(s, k) for s in stats)) for k in ("tp", "fp", "fn"))
-        precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
-        miou = sum(s.tp * s.mean_matched_iou for s in stats if s.tp) / tp if tp else float("nan")
-        out[t] = {"tp": tp, "fp": fp, "fn": fn, "precision": precision, "recall": recall,
-                  "f1": 2 * precision * recall / max(precision + recall, 1e-12), "mean_matched_iou": float(miou)}
-    return out
-
-
-def evaluate_model(
-    model: StarDistModel, images: list[SynthImage], *, prob_thresh: float | None = None,
-    nms_thresh: float | None = None, iou_thresholds: tuple[float, ...] = (0.5,),
-) -> dict[float, dict]:
-    """:func:`pooled_scores` of ``segment_nuclei`` (the user path) on synthetic images."""
-    from .predict import segment_nuclei
-
-    preds = [segment_nuclei(im.image, im.pixel_um, model=model, prob_thresh=prob_thresh, nms_thresh=nms_thresh)
-             for im in images]
-    return pooled_scores([im.label_image for im in images], preds, iou_thresholds=iou_thresholds)
-
-
-def optimize_thresholds(
-    model: StarDistModel, images: list[SynthImage], *, nms_threshs: tuple[float, ...] = (0.3, 0.4, 0.5),
-    iou_threshold: float = 0.5,
-) -> tuple[Thresholds, list[dict]]:
-    """Probability and NMS thresholds maximising pooled F1 at one IoU threshold.
-
-    Unlike the official ``optimize_thresholds`` (mean F1 over IoU 0.3, 0.5,
-    0.7) this maximises F1 at ``iou_threshold`` (0.5), the figure we report.
-    For each NMS threshold, a coarse grid of prob thresholds (0.3–0.8) is
-    refined twice around its best value. Every candidate runs the user path,
-    ``segment_nuclei``; the net's output is memoised, so only NMS, rendering
-    and matching repeat.
-
-    Returns
-    -------
-    Thresholds
-        The best pair.
-    list of dict
-        Every candidate tried: prob, nms, f1.
-    """
-    memo = StarDistModel(net=_MemoNet(model.net), config=model.config, thresholds=model.thresholds,
-                         sha256=model.sha256, path=None)
-    tried: dict[tuple[float, float], float] = {}
-
-    def f1(prob: float, nms: float) -> float:
-        key = (round(prob, 4), nms)
-        if key not in tried:
-            tried[key] = evaluate_model(memo, images, prob_thresh=key[0], nms_thresh=nms,
-                                        iou_thresholds=(iou_threshold,))[iou_threshold]["f1"]
-            logger.info("thresholds prob %.3f nms %.2f: F1@%.1f %.4f", key[0], nms, iou_threshold, tried[key])
-        return tried[key]
-
-    for nms in nms_threshs:
-        best = max((0.3, 0.4, 0.5, 0.6, 0.7, 0.8), key=lambda p: f1(p, nms))
-        for step in (0.05, 0.025):
-            best = max((best - step, best, best + step), key=lambda p: f1(min(max(p, 0.05), 0.95), nms))
-    (prob, nms), _ = max(tried.items(), key=lambda kv: kv[1])
-    table = [{"prob": p, "nms": n, "f1": round(v, 5)} for (p, n), v in sorted(tried.items())]
-    return Thresholds(prob=prob, nms=nms), table
-
-
-class _MemoNet(torch.nn.Module):
-    """Wraps a net; returns the stored output for an input it has seen."""
-
-    def __init__(self, net: StarDistNet) -> None:
-        super().__init__()
-        self.net = net
-        self.config = net.config
-        self._memo: dict = {}
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        data = x.detach().cpu().contiguous().numpy()
-        key = (data.shape, hashlib.sha1(data.tobytes()).hexdigest())
-        if key not in self._memo:
-            self._memo[key] = self.net(x)
-        return self._memo[key]
