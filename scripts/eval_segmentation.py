@@ -20,30 +20,25 @@ import numpy as np
 import tifffile
 import zarr
 
-from tme_pipeline.segment.metrics import match_labels
+from tme_pipeline.segment.metrics import pooled_scores
 
 THRESHOLDS = (0.5, 0.7, 0.9)
 
 
-def score_slide(truth_dir: Path, slide_dir: Path) -> dict:
+def read_crops(truth_dir: Path, slide_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The truth crop of a slide and the same window of the run's stitched nuclei."""
     meta = json.loads((truth_dir / "truth.json").read_text())
     truth = tifffile.imread(truth_dir / "nuclei_crop.tif")
     y0, x0 = meta["crop"]["y0"], meta["crop"]["x0"]
     labels = zarr.open_group(str(slide_dir / "labels.ome.zarr"), mode="r")["labels/nuclei/0"]
-    pred = np.asarray(labels[y0 : y0 + truth.shape[0], x0 : x0 + truth.shape[1]])
-    result = {"slide_id": slide_dir.name, "crop_origin_yx": [y0, x0], "crop_shape": list(truth.shape)}
-    for t in THRESHOLDS:
-        stats = match_labels(truth, pred, iou_threshold=t)
-        result[f"iou{t}"] = {
-            "tp": stats.tp,
-            "fp": stats.fp,
-            "fn": stats.fn,
-            "precision": round(stats.precision, 4),
-            "recall": round(stats.recall, 4),
-            "f1": round(stats.f1, 4),
-            "mean_matched_iou": round(float(stats.mean_matched_iou), 4),
-        }
-    return result
+    return truth, np.asarray(labels[y0 : y0 + truth.shape[0], x0 : x0 + truth.shape[1]])
+
+
+def _scores(truths: list[np.ndarray], preds: list[np.ndarray]) -> dict:
+    return {
+        f"iou{t}": {k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()}
+        for t, scores in pooled_scores(truths, preds, iou_thresholds=THRESHOLDS).items()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,24 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
     args = parser.parse_args(argv)
 
-    slides = []
+    slides, truths, preds = [], [], []
     for truth_dir in sorted((args.data / "truth").iterdir()):
         slide_dir = args.run / "slides" / truth_dir.name
         if (truth_dir / "nuclei_crop.tif").is_file() and slide_dir.is_dir():
-            slides.append(score_slide(truth_dir, slide_dir))
+            truth, pred = read_crops(truth_dir, slide_dir)
+            slides.append({"slide_id": slide_dir.name, "crop_shape": list(truth.shape), **_scores([truth], [pred])})
+            truths.append(truth)
+            preds.append(pred)
     if not slides:
         print("no slide with both truth and output found", file=sys.stderr)
         return 1
-    summary = {}
-    for t in THRESHOLDS:
-        tp = sum(s[f"iou{t}"]["tp"] for s in slides)
-        fp = sum(s[f"iou{t}"]["fp"] for s in slides)
-        fn = sum(s[f"iou{t}"]["fn"] for s in slides)
-        precision = tp / max(tp + fp, 1)
-        recall = tp / max(tp + fn, 1)
-        f1 = 2 * precision * recall / max(precision + recall, 1e-12)
-        summary[f"iou{t}"] = {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4)}
-    summary["mean_matched_iou_at_0.5"] = round(float(np.mean([s["iou0.5"]["mean_matched_iou"] for s in slides])), 4)
+    summary = _scores(truths, preds)
     report = {"run": str(args.run), "data": str(args.data), "summary": summary, "slides": slides}
     text = json.dumps(report, indent=2)
     if args.out:

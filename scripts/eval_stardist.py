@@ -43,7 +43,7 @@ logger = logging.getLogger("eval_stardist")
 
 def pooled(truths: list[np.ndarray], preds: list[np.ndarray]) -> dict:
     """Pooled scores at every IoU threshold, rounded for the report."""
-    from tme_pipeline.segment.tuning import pooled_scores
+    from tme_pipeline.segment.metrics import pooled_scores
 
     return {f"iou{t}": {k: round(v, 4) if isinstance(v, float) else v for k, v in s.items()}
             for t, s in pooled_scores(truths, preds, iou_thresholds=IOU_THRESHOLDS).items()}

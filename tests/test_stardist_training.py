@@ -15,7 +15,7 @@ from tme_pipeline.segment.net import StarDistConfig  # noqa: E402
 from tme_pipeline.segment.targets import stardist_targets  # noqa: E402
 from tme_pipeline.segment.training import (  # noqa: E402
     SynthImage, TrainConfig, sample_batch, stardist_loss, train_stardist)
-from tme_pipeline.segment.tuning import pooled_scores  # noqa: E402
+from tme_pipeline.segment.metrics import pooled_scores  # noqa: E402
 
 from blobs import make_nuclei  # noqa: E402
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["MatchStats", "match_labels", "overlap_table"]
+__all__ = ["MatchStats", "match_labels", "overlap_table", "pooled_scores"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,3 +161,31 @@ def _greedy_unique(it: np.ndarray, ip: np.ndarray, iou: np.ndarray) -> np.ndarra
         used_p.add(b)
         keep.append(k)
     return np.asarray(keep, dtype=np.int64)
+
+
+def pooled_scores(
+    truths: list[np.ndarray], preds: list[np.ndarray], *, iou_thresholds: tuple[float, ...] = (0.5,)
+) -> dict[float, dict]:
+    """Object-matching scores pooled over images.
+
+    Parameters
+    ----------
+    truths, preds : list of (Y, X) int ndarray
+        True and predicted label images, pairwise of equal shape.
+    iou_thresholds : tuple of float
+
+    Returns
+    -------
+    dict of iou_threshold -> {"tp", "fp", "fn", "precision", "recall", "f1", "mean_matched_iou"}
+        Counts summed over images, scores from the sums; mean matched IoU
+        weighted by matches (NaN without any).
+    """
+    out = {}
+    for t in iou_thresholds:
+        stats = [match_labels(y, p, iou_threshold=t) for y, p in zip(truths, preds)]
+        tp, fp, fn = (int(sum(getattr(s, k) for s in stats)) for k in ("tp", "fp", "fn"))
+        precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+        miou = sum(s.tp * s.mean_matched_iou for s in stats if s.tp) / tp if tp else float("nan")
+        out[t] = {"tp": tp, "fp": fp, "fn": fn, "precision": precision, "recall": recall,
+                  "f1": 2 * precision * recall / max(precision + recall, 1e-12), "mean_matched_iou": float(miou)}
+    return out

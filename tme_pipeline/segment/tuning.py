@@ -12,43 +12,14 @@ import logging
 import numpy as np
 import torch
 
+from .metrics import pooled_scores
 from .net import StarDistNet
 from .training import SynthImage
 from .weights import StarDistModel, Thresholds
 
-__all__ = ["evaluate_model", "optimize_thresholds", "pooled_scores"]
+__all__ = ["evaluate_model", "optimize_thresholds"]
 
 logger = logging.getLogger(__name__)
-
-
-def pooled_scores(
-    truths: list[np.ndarray], preds: list[np.ndarray], *, iou_thresholds: tuple[float, ...] = (0.5,)
-) -> dict[float, dict]:
-    """Object-matching scores pooled over images.
-
-    Parameters
-    ----------
-    truths, preds : list of (Y, X) int ndarray
-        True and predicted label images, pairwise of equal shape.
-    iou_thresholds : tuple of float
-
-    Returns
-    -------
-    dict of iou_threshold -> {"tp", "fp", "fn", "precision", "recall", "f1", "mean_matched_iou"}
-        Counts summed over images, scores from the sums; mean matched IoU
-        weighted by matches (NaN without any).
-    """
-    from .metrics import match_labels
-
-    out = {}
-    for t in iou_thresholds:
-        stats = [match_labels(y, p, iou_threshold=t) for y, p in zip(truths, preds)]
-        tp, fp, fn = (int(sum(getattr(s, k) for s in stats)) for k in ("tp", "fp", "fn"))
-        precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
-        miou = sum(s.tp * s.mean_matched_iou for s in stats if s.tp) / tp if tp else float("nan")
-        out[t] = {"tp": tp, "fp": fp, "fn": fn, "precision": precision, "recall": recall,
-                  "f1": 2 * precision * recall / max(precision + recall, 1e-12), "mean_matched_iou": float(miou)}
-    return out
 
 
 def evaluate_model(
