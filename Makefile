@@ -10,6 +10,12 @@ VENV_TF := .venv-tf
 # Official TensorFlow StarDist: only for the equivalence test and the benchmark, never at run time.
 TF_SPECS ?= tensorflow-cpu==2.21.0 tf-keras==2.21.0 stardist==0.9.2
 
+VENV_SQ := .venv-squidpy
+# An analyst's own environment (squidpy pins its own anndata and dask): the interop test
+# opens our cells.h5ad there as it is written. setuptools<81 keeps pkg_resources, which
+# xarray-schema (a squidpy dependency) still imports.
+SQUIDPY_SPECS ?= squidpy==1.8.2 "setuptools<81"
+
 .PHONY: venv demo test bench-segment clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -27,6 +33,12 @@ $(VENV_TF)/.installed:
 	$(VENV_TF)/bin/python -m pip install -q $(TF_SPECS)
 	touch $@
 
+$(VENV_SQ)/.installed:
+	$(PYTHON) -m venv $(VENV_SQ)
+	$(VENV_SQ)/bin/python -m pip install -q --upgrade pip
+	$(VENV_SQ)/bin/python -m pip install -q $(SQUIDPY_SPECS)
+	touch $@
+
 demo: venv
 	$(VENV)/bin/tme synth --out demo/data --patients 2 --seed 7 --size-mm 2 1.5
 	$(VENV)/bin/tme run demo/data/manifest.csv --out demo/out
@@ -34,11 +46,11 @@ demo: venv
 	@echo "Demo cohort:  demo/data/manifest.csv (truth in demo/data/truth/)"
 	@echo "Outputs:      demo/out/run.json and demo/out/slides/<slide_id>/"
 
-test: venv $(VENV_TF)/.installed
-	TME_REQUIRE_TF_REFERENCE=1 $(PY) -m pytest -q tests
+test: venv $(VENV_TF)/.installed $(VENV_SQ)/.installed
+	TME_REQUIRE_TF_REFERENCE=1 TME_REQUIRE_SQUIDPY=1 $(PY) -m pytest -q tests
 
 bench-segment: venv $(VENV_TF)/.installed
 	$(PY) scripts/bench_segment.py --out bench_out/segment.json
 
 clean:
-	rm -rf $(VENV) $(VENV_TF) demo
+	rm -rf $(VENV) $(VENV_TF) $(VENV_SQ) demo

@@ -43,6 +43,7 @@ def _worker(impl: str, image_path: Path, model_dir: Path, labels_path: Path, *, 
     if impl == "ours":
         import torch
 
+        from tme_pipeline.segment._infer import cpu_has_native_bf16, inference_settings
         from tme_pipeline.segment.predict import segment_nuclei
         from tme_pipeline.segment.weights import load_model
 
@@ -52,7 +53,8 @@ def _worker(impl: str, image_path: Path, model_dir: Path, labels_path: Path, *, 
             return segment_nuclei(img, PIXEL_UM, model=model, device="cpu", precision=precision, tile_px=tile_px)
 
         info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "precision": precision,
-                "tile_px": tile_px}
+                "autocast_dtype": inference_settings("cpu", precision=precision).autocast_dtype or "float32",
+                "cpu_native_bf16": cpu_has_native_bf16(), "tile_px": tile_px}
     else:
         import tensorflow as tf
         from csbdeep.utils import normalize
@@ -118,7 +120,8 @@ def main() -> None:
     ap.add_argument("--official-n-tiles", type=int, default=1, help="n_tiles per axis for the official run")
     ap.add_argument("--only", choices=("ours", "official"))
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per implementation (min reported)")
-    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="ours: arithmetic of the net")
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                    help="ours: arithmetic of the net (auto: segment_nuclei's default on this CPU)")
     ap.add_argument("--tile-px", type=int, help="ours: patch core size (default: segment_nuclei's)")
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--worker", choices=("ours", "official"), help=argparse.SUPPRESS)

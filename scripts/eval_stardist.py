@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=Path("/tmp/tme_stardist_synth"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-real", action="store_true", help="skip the real image")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                    help="arithmetic of the net on the CPU (default: segment_nuclei's for this machine)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -81,12 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
     report = {"model": str(args.model), "weights_sha256": model.sha256,
-              "thresholds": {"prob": model.thresholds.prob, "nms": model.thresholds.nms}}
+              "thresholds": {"prob": model.thresholds.prob, "nms": model.thresholds.nms},
+              "precision": args.precision or "default"}
 
     seeds = [TEST_SEED0 + i for i in range(args.test_slides)]
     test = synthetic_images(args.cache, seeds, size_mm=(args.slide_mm, args.slide_mm))
     t0 = time.perf_counter()
-    sd = [segment_nuclei(im.image, im.pixel_um, model=model) for im in test]
+    sd = [segment_nuclei(im.image, im.pixel_um, model=model, precision=args.precision) for im in test]
     t_sd = time.perf_counter() - t0
     t0 = time.perf_counter()
     cl = [classic(im.image, im.pixel_um) for im in test]
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         from stardist.data import test_image_nuclei_2d
 
         img, mask = test_image_nuclei_2d(return_mask=True)
-        pred = segment_nuclei(img, REAL_IMAGE_PIXEL_UM, model=model)
+        pred = segment_nuclei(img, REAL_IMAGE_PIXEL_UM, model=model, precision=args.precision)
         report["real_image"] = {
             "source": "stardist.data.test_image_nuclei_2d(return_mask=True)", "shape": list(img.shape),
             "assumed_pixel_um": REAL_IMAGE_PIXEL_UM, "n_true_nuclei": int(len(np.unique(mask)) - 1),

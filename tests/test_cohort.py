@@ -67,6 +67,7 @@ def test_bad_slides_recorded_and_batch_goes_on(cohort):
     assert [p.name for p in (root / "out" / "slides").iterdir() if p.name.startswith(".")] == []
     assert run["versions"]["numpy"] and run["config"]["channel_names"] == NAMES
     assert run["config_sha256"] and status["A_pre"]["timings"]["segment"] >= 0
+    assert {"expand", "measure"} <= set(status["A_pre"]["timings"])
 
 
 def test_every_format_gives_the_same_cells(cohort):
@@ -79,8 +80,14 @@ def test_every_format_gives_the_same_cells(cohort):
         np.testing.assert_allclose(cells.obsm["spatial"], reference.obsm["spatial"], err_msg=key)
         np.testing.assert_allclose(cells.X, reference.X, rtol=1e-6, err_msg=key)
     assert tables["A_post"].uns["slide"]["markers"]["CD8"] == "CD8"  # <Biomarker> over the Opal name
-    cd8 = reference[:, "CD8"].X.ravel()
-    assert np.median(cd8) > 300  # nuclei carry the CD8 signal written under them
+    cd8 = reference[:, "CD8"]
+    assert np.median(cd8.layers["nucleus"]) > 300  # nuclei carry the CD8 signal written under them
+    # The panel reads CD8 in the whole cell grown around the nucleus: X is that layer, diluted
+    # by the unstained ring.
+    np.testing.assert_array_equal(cd8.X, cd8.layers["cell"])
+    assert np.median(cd8.X) < np.median(cd8.layers["nucleus"])
+    assert (reference.obs["area_um2"] > reference.obs["nucleus_area_um2"]).all()
+    assert reference.obsm["nucleus_polygon_um"].shape == (reference.n_obs, 32, 2)
 
 
 def test_labels_match_truth_and_are_ngff(cohort):
@@ -92,6 +99,9 @@ def test_labels_match_truth_and_are_ngff(cohort):
     assert stats.f1 >= 0.9
     scale = group["labels/nuclei"].attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
     assert scale == [0.5, 0.5]
+    assert group["labels"].attrs["labels"] == ["nuclei", "cells"]
+    cells = np.asarray(group["labels/cells/0"])
+    np.testing.assert_array_equal(cells[labels > 0], labels[labels > 0])
 
 
 def test_rerun_skips_complete_and_redoes_partial(cohort):

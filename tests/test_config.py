@@ -11,7 +11,8 @@ def test_default_config_is_the_promis_panel():
     assert "CD274" in config.panel["PD-L1"].aliases
     assert config.panel["FOXP3"].compartment == "nuclear"
     assert config.timepoints == ("pre", "post")
-    assert config.segmentation.method == "classic"
+    assert config.segmentation.method == "stardist"
+    assert config.panel["CD8"].compartment == "whole" and config.panel["PD-L1"].compartment == "membrane"
     assert config.segmentation.stardist.model == "stardist_fluo_synth"
 
 

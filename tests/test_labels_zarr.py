@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from blobs import make_nuclei
-from tme_pipeline.io.labels import create_labels_zarr, write_label_pyramid, write_overview_image
+from tme_pipeline.cells import expand_nuclei_tiled
+from tme_pipeline.io.labels import LABEL_NAMES, create_labels_zarr, write_label_pyramid, write_overview_image
 from tme_pipeline.segment.classic import segment_nuclei_classic
 from tme_pipeline.tiling import segment_tiled, tile_grid
 
@@ -22,12 +23,14 @@ def store(tmp_path_factory):
     image, _ = make_nuclei((700, 900), pixel_um=PIXEL_UM, seed=2)
     grid = tile_grid(image.shape, pixel_um=PIXEL_UM, tile_um=128.0)
     path = tmp_path_factory.mktemp("labels") / "labels.ome.zarr"
-    root = create_labels_zarr(path, shape_yx=image.shape, pixel_um=PIXEL_UM,
-                              chunk_px=grid.tile_px, names=("nuclei", "cells"))
+    root = create_labels_zarr(path, shape_yx=image.shape, pixel_um=PIXEL_UM, chunk_px=grid.tile_px)
     segment = functools.partial(segment_nuclei_classic, pixel_um=PIXEL_UM, threshold=0.3)
     result = segment_tiled(da.from_array(image, chunks=256), segment, grid=grid,
                            store=root["labels/nuclei"], component="0")
+    expand_nuclei_tiled(result.labels, grid=grid, pixel_um=PIXEL_UM, expand_um=3.0,
+                        store=root["labels/cells"], component="0")
     write_label_pyramid(root, "nuclei", pixel_um=PIXEL_UM)
+    write_label_pyramid(root, "cells", pixel_um=PIXEL_UM)
     overview = image.reshape(175, 4, 225, 4).mean(axis=(1, 3))
     write_overview_image(root, overview, pixel_um=4 * PIXEL_UM, channel_names=("DAPI",))
     return path, result
@@ -54,9 +57,21 @@ def test_reader_finds_nuclei_with_all_levels_in_um(store):
     assert overview.metadata["coordinateTransformations"][0][0]["scale"] == [1.0, 2.0, 2.0]
 
 
+def test_reader_finds_cells_grown_from_the_nuclei(store):
+    path, result = store
+    cells = _nodes(str(path))["cells"]
+    assert [d.shape for d in cells.data] == [(700, 900), (350, 450), (175, 225)]
+    assert cells.metadata["coordinateTransformations"][1][0]["scale"] == [1.0, 1.0]
+    level0 = cells.data[0].compute()
+    nuclei = np.asarray(result.labels[:])
+    np.testing.assert_array_equal(level0[nuclei > 0], nuclei[nuclei > 0])
+    assert set(np.unique(level0)) == set(np.unique(nuclei))
+    assert (level0 > 0).sum() > 1.5 * (nuclei > 0).sum()
+
+
 def test_labels_readable_on_their_own(store):
     path, _ = store
-    assert "nuclei" in _nodes(str(path / "labels"))
+    assert {"nuclei", "cells"} <= set(_nodes(str(path / "labels")))
 
 
 def test_ngff_metadata_on_disk(store):
@@ -66,9 +81,11 @@ def test_ngff_metadata_on_disk(store):
     assert attrs["image-label"]["version"] == "0.4"
     ms = attrs["multiscales"][0]
     assert ms["version"] == "0.4" and [a["type"] for a in ms["axes"]] == ["space", "space"]
-    zarray = json.loads((path / "labels" / "nuclei" / "0" / ".zarray").read_text())
-    assert zarray["zarr_format"] == 2 and zarray["chunks"] == [256, 256]
-    assert zarray["dimension_separator"] == "/"
+    assert LABEL_NAMES == ("nuclei", "cells")
+    for name in LABEL_NAMES:
+        zarray = json.loads((path / "labels" / name / "0" / ".zarray").read_text())
+        assert zarray["zarr_format"] == 2 and zarray["chunks"] == [256, 256]
+        assert zarray["dimension_separator"] == "/"
 
 
 def test_mode_downsampling_majority_ties_to_top_left(tmp_path):

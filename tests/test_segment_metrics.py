@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tme_pipeline.segment.metrics import match_labels, overlap_table
+from tme_pipeline.segment.metrics import match_labels, matched_pairs, overlap_table
 
 
 def test_perfect_match_with_other_ids():
@@ -59,3 +59,20 @@ def test_overlap_table_and_validation():
         match_labels(t, p[:, :2])
     with pytest.raises(ValueError):
         match_labels(t, p, iou_threshold=0.0)
+
+
+def test_matched_pairs_are_the_matches_match_labels_counts():
+    truth = np.zeros((20, 30), np.int32)
+    truth[2:8, 2:8] = 5
+    truth[10:18, 10:18] = 7
+    truth[2:6, 20:28] = 9
+    pred = np.zeros_like(truth)
+    pred[2:8, 3:8] = 1  # IoU 30/36 with 5
+    pred[10:14, 10:18] = 2  # IoU 0.5 with 7
+    pred[12:19, 22:29] = 3  # overlaps nothing
+    t_ids, p_ids, iou = matched_pairs(truth, pred, iou_threshold=0.5)
+    assert t_ids.tolist() == [5, 7] and p_ids.tolist() == [1, 2]
+    np.testing.assert_allclose(iou, [30 / 36, 0.5])
+    assert match_labels(truth, pred, iou_threshold=0.5).tp == len(t_ids)
+    t_ids, p_ids, _ = matched_pairs(truth, pred, iou_threshold=0.6)
+    assert t_ids.tolist() == [5] and p_ids.tolist() == [1]

@@ -63,13 +63,14 @@ def test_config_and_weights_load(model, reference):
 
 def test_prob_and_dist_equal_official(model, reference):
     image = np.load(reference / "image.npy")
-    prob, dist = predict_prob_dist(image, model=model, device="cpu")
+    prob, dist = predict_prob_dist(image, model=model, device="cpu", precision="fp32")
     ref_prob, ref_dist = np.load(reference / "prob.npy"), np.load(reference / "dist.npy")
     assert prob.shape == ref_prob.shape and dist.shape == ref_dist.shape
     assert np.abs(prob - ref_prob).max() <= 1e-4
     assert np.abs(dist - ref_dist).max() <= 1e-4
     # In patches (exercises the context and stitching) the output is the same.
-    prob_p, dist_p = predict_prob_dist(image, model=model, device="cpu", tile_px=64, batch_size=2)
+    prob_p, dist_p = predict_prob_dist(image, model=model, device="cpu", precision="fp32", tile_px=64,
+                                       batch_size=2)
     assert np.abs(prob_p - ref_prob).max() <= 1e-4
     assert np.abs(dist_p - ref_dist).max() <= 1e-4
 
@@ -79,7 +80,7 @@ def test_labels_match_official(model, reference):
     ref = np.load(reference / "labels.npy")
     assert ref.max() >= 50, "the reference model should find objects"
     # The reference image is already normalised; (0, 1) leaves it as it is.
-    ours = segment_nuclei(image, 0.5, model=model, norm=(0.0, 1.0), device="cpu")
+    ours = segment_nuclei(image, 0.5, model=model, norm=(0.0, 1.0), device="cpu", precision="fp32")
     stats = match_labels(ref, ours, iou_threshold=0.9)
     assert stats.recall >= 0.99 and stats.precision >= 0.99, stats
 

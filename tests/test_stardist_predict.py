@@ -65,12 +65,13 @@ def test_any_input_dtype(tiny_model, nuclei):
     assert labels.dtype == np.int32 and labels.max() > 0
 
 
-def test_patches_do_not_change_the_result(tiny_model, nuclei):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_patches_do_not_change_the_result(tiny_model, nuclei, precision):
     image, _ = nuclei
     thr = _thresh_with_objects(tiny_model, image)
-    whole = segment_nuclei(image, 0.5, model=tiny_model, prob_thresh=thr, device="cpu")
-    patched = segment_nuclei(image, 0.5, model=tiny_model, prob_thresh=thr, device="cpu", tile_px=32,
-                             batch_size=3)
+    whole = segment_nuclei(image, 0.5, model=tiny_model, prob_thresh=thr, device="cpu", precision=precision)
+    patched = segment_nuclei(image, 0.5, model=tiny_model, prob_thresh=thr, device="cpu", precision=precision,
+                             tile_px=32, batch_size=3)
     assert match_labels(whole, patched, iou_threshold=0.9).f1 >= 0.99
 
 
@@ -96,6 +97,7 @@ def test_slide_norm():
 def test_inference_settings_by_device(monkeypatch):
     cpu = inference_settings("cpu")
     assert (cpu.device, cpu.autocast_dtype, cpu.pin_memory, cpu.non_blocking) == ("cpu", None, False, False)
+    assert inference_settings("cpu", precision="auto").autocast_dtype is None
     assert inference_settings("cpu", precision="bf16").autocast_dtype == "bfloat16"
     cuda = inference_settings("cuda:1")
     assert (cuda.device, cuda.autocast_dtype, cuda.pin_memory, cuda.non_blocking) == ("cuda:1", "float16", True,
@@ -113,7 +115,7 @@ def test_bf16_on_cpu_runs_the_same_code_path(tiny_model, nuclei):
     image, _ = nuclei
     lo, hi = slide_norm(image)
     x = (image - lo) / (hi - lo)
-    prob32, dist32 = predict_prob_dist(x, model=tiny_model, device="cpu")
+    prob32, dist32 = predict_prob_dist(x, model=tiny_model, device="cpu", precision="fp32")
     prob16, dist16 = predict_prob_dist(x, model=tiny_model, device="cpu", precision="bf16")
     assert prob16.dtype == np.float32 and prob16.shape == prob32.shape
     assert 0 < np.abs(prob16 - prob32).max() < 0.02
@@ -193,3 +195,23 @@ def test_resampling_renders_objects_on_the_input_grid():
                                       preserve_range=True).astype(np.int32), iou_threshold=0.5).f1 == 1.0
     # Within 5 % of the model's pixel size nothing is resampled.
     np.testing.assert_array_equal(segment_nuclei(image, 0.51, model=model, device="cpu"), at_05)
+
+
+def test_threads_sharing_a_fresh_model_get_the_sequential_result(tiny_model, nuclei):
+    # Dask's threaded scheduler runs tiles concurrently on one model: its first move to
+    # channels-last must not happen under another thread's forward pass.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tme_pipeline.segment.weights import load_model
+
+    image, _ = nuclei
+    thr = _thresh_with_objects(tiny_model, image)
+    expected = segment_nuclei(image, 0.5, model=tiny_model, prob_thresh=thr, device="cpu")
+    for _ in range(3):
+        fresh = load_model(tiny_model.path)
+        assert not fresh.net.layers["grid_0_no_1"].weight.is_contiguous(memory_format=torch.channels_last)
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda _: segment_nuclei(image, 0.5, model=fresh, prob_thresh=thr,
+                                                             device="cpu"), range(4)))
+        for labels in results:
+            np.testing.assert_array_equal(labels, expected)

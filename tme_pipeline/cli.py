@@ -52,26 +52,32 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from .config import load_config
     from .segment.segment_file import segment_file
 
-    config = load_config(args.config)
-    if args.model or args.method:
-        seg = config.segmentation
-        update = {}
-        if args.method:
-            update["method"] = args.method
-        if args.model:
-            update["stardist"] = seg.stardist.model_copy(update={"model": args.model})
-        config = config.model_copy(update={"segmentation": seg.model_copy(update=update)})
+    config = _with_overrides(load_config(args.config), method=args.method, model=args.model, device=args.device)
     n = segment_file(args.image, args.out, config=config, channel=args.channel, pixel_um=args.pixel_um)
     print(f"{n} nuclei -> {args.out}")
     return 0
 
 
+def _with_overrides(config, *, method: str | None = None, model: str | None = None, device: str | None = None):
+    """The config with the segmentation options given on the command line."""
+    seg = config.segmentation
+    stardist = {k: v for k, v in (("model", model), ("device", device)) if v}
+    update = {"method": method} if method else {}
+    if stardist:
+        update["stardist"] = seg.stardist.model_copy(update=stardist)
+    if not update:
+        return config
+    return config.model_copy(update={"segmentation": seg.model_copy(update=update)})
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .cohort import run_cohort
+    from .config import load_config
 
     result = run_cohort(
         args.manifest,
         args.out,
+        config=_with_overrides(load_config(args.config), device=args.device),
         config_path=args.config,
         scheduler=args.scheduler,
         pixel_um=args.pixel_um,
@@ -113,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixel-um", type=float, default=None, help="pixel size (µm) if the file has none")
     p.add_argument("--model", default=None, help="StarDist model folder or shipped model name")
     p.add_argument("--method", choices=("stardist", "classic"), default=None)
+    p.add_argument("--device", default=None, help="StarDist device: auto | cpu | cuda | cuda:N")
     p.add_argument("--config", type=Path, default=None)
     p.set_defaults(func=_cmd_segment)
 
@@ -122,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, help="YAML merged over configs/default.yaml")
     p.add_argument("--scheduler", default=None, help="threads | processes | local-cluster | tcp://host:port")
     p.add_argument("--pixel-um", type=float, default=None, help="pixel size (µm) for slides without one")
+    p.add_argument("--device", default=None, help="StarDist device: auto | cpu | cuda | cuda:N")
     p.add_argument("--overwrite", action="store_true", help="redo slides that are already complete")
     p.set_defaults(func=_cmd_run)
     return parser

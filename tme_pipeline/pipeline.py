@@ -1,4 +1,4 @@
-"""One slide through every stage: open, segment tile by tile, stitch, measure, write."""
+"""One slide through every stage: open, segment tile by tile, stitch, grow cells, measure, write."""
 
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 
+from .cells import expand_nuclei_tiled
 from .config import Config
 from .io.labels import create_labels_zarr, write_label_pyramid, write_overview_image
 from .io.results import is_complete, partial_dir
 from .io.slides import Slide, open_slide
 from .panel import PanelMatch, match_panel
+from .phenotype import phenotype_cells
 from .progress import progress
-from .quantify import measure_objects
+from .quantify import measure_cells
 from .segment.classic import classic_threshold, segment_nuclei_classic
 from .tiling import segment_tiled, tile_grid
 
@@ -97,6 +99,7 @@ def segmentation_function(config: Config, *, pixel_um: float, nuclear_lowres: np
             device=None if settings.device == "auto" else settings.device,
             prob_thresh=settings.prob_thresh,
             nms_thresh=settings.nms_thresh,
+            precision=None if settings.precision == "auto" else settings.precision,
             batch_size=settings.batch_size,
             n_threads=config.run.torch_threads,
         )
@@ -124,7 +127,7 @@ def run_slide(
     pixel_um: float | None = None,
     overwrite: bool = False,
 ) -> SlideResult:
-    """Segment and measure one slide, writing its folder atomically.
+    """Segment nuclei, grow them into cells and measure one slide, writing its folder atomically.
 
     Parameters
     ----------
@@ -182,22 +185,40 @@ def run_slide(
                 slide.levels[0][nuclear_channel], segment_tile, grid=grid, store=labels_root["labels/nuclei"], component="0"
             )
         t = lap("segment", t)
+        with progress(f"{slide_id}: growing cells in {grid.n_tiles} tiles"):
+            cell_labels = expand_nuclei_tiled(
+                stitched.labels, grid=grid, pixel_um=slide.pixel_um, expand_um=config.cells.expand_um,
+                store=labels_root["labels/cells"], component="0",
+            )
+        t = lap("expand", t)
         write_label_pyramid(labels_root, "nuclei", pixel_um=slide.pixel_um)
+        write_label_pyramid(labels_root, "cells", pixel_um=slide.pixel_um)
         write_overview_image(
             labels_root, nuclear_lowres, pixel_um=lowres_um, channel_names=(slide.channel_names[nuclear_channel],)
         )
         t = lap("label_pyramid", t)
 
-        labels = da.from_zarr(stitched.labels)
-        cells = measure_objects(
-            labels, slide.levels[0], pixel_um=slide.pixel_um, markers=panel.channels, channel_names=slide.channel_names
+        with progress(f"{slide_id}: measuring cells in {grid.n_tiles} tiles"):
+            cells = measure_cells(
+                stitched.labels, cell_labels, slide.levels[0], grid=grid, pixel_um=slide.pixel_um,
+                markers=panel.channels, compartments={m: config.panel[m].compartment for m in panel.channels},
+                nuclear_channel=nuclear_channel, expand_um=config.cells.expand_um,
+                membrane_um=config.cells.membrane_um, channel_names=slide.channel_names,
+            )
+        t = lap("measure", t)
+
+        typed = phenotype_cells(
+            cells, gating=config.gating, phenotypes=config.phenotypes, compensation=config.compensation,
+            slide_id=slide_id, skip_markers=panel.missing_optional, segmentation_markers=(seg.channel,),
         )
+        _qc_plots(cells, tmp)
         info = _slide_info(slide, panel, slide_id, int(cells.n_obs))
-        cells.uns["slide"] = info
+        info["phenotyping"] = typed.to_json()
+        cells.uns["slide"] = {k: v for k, v in info.items() if k != "phenotyping"}
         cells.write_h5ad(tmp / "cells.h5ad")
-        lap("measure", t)
+        lap("phenotype", t)
     seconds = round(time.perf_counter() - start, 3)
-    log.info("%s: %d nuclei in %.1f s", slide_id, cells.n_obs, seconds)
+    log.info("%s: %d cells in %.1f s", slide_id, cells.n_obs, seconds)
     return SlideResult(
         slide_id=slide_id,
         status="done",
@@ -207,6 +228,15 @@ def run_slide(
         timings=timings,
         info=info,
     )
+
+
+def _qc_plots(cells, folder: Path) -> None:
+    """The gating pictures a pathologist checks first (the report links them)."""
+    from .qc_plots import plot_cd3_cd8, plot_gates
+
+    plot_gates(cells, folder / "gates.png")
+    if {"CD3_pos", "CD8_pos"} <= set(cells.obs.columns):
+        plot_cd3_cd8(cells, folder / "cd3_cd8.png")
 
 
 def _slide_info(slide: Slide, panel: PanelMatch, slide_id: str, n_nuclei: int) -> dict[str, object]:

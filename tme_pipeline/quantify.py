@@ -1,123 +1,387 @@
-"""Per-object measurements from a label image and the slide's channels, block by block."""
+"""Per-cell measurements: compartment intensities, morphology and nucleus outline.
+
+Tile by tile over the segmentation's :class:`~tme_pipeline.tiling.TileGrid`,
+with its ownership rule: a cell is measured by the one tile whose core holds
+its nucleus centroid (rounded half up), inside that tile's core grown by
+``overlap + expansion + ring width`` px, so the whole cell and every pixel its
+membrane ring looks at are in view. The grid's overlap exceeds the largest
+nucleus, so a nucleus whose centroid lies in a core is seen whole by that tile
+and a partly seen nucleus never appears to be owned. Memory is bounded by one
+window; :func:`measure_cells_reference` is the untiled oracle.
+
+Compartments of a cell (pixel sets of the level-0 image):
+
+- ``nucleus``: its nucleus label's pixels;
+- ``membrane``: its cell pixels whose distance to the nearest pixel outside the
+  cell (pixel centre to pixel centre) is below ``membrane_um``;
+- ``cytoplasm``: cell minus nucleus, or the membrane ring where that is empty;
+- ``cell``: all its cell pixels.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 
 import anndata as ad
 import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
+import zarr
 
-__all__ = ["measure_objects"]
+from .cells import _as_dask, _slices, window_box
+from .tiling import Tile, TileGrid, _Window
 
+__all__ = ["COMPARTMENT_LAYERS", "measure_cells"]
 
-def _block_sums(labels: np.ndarray, image: np.ndarray, y0: int, x0: int) -> np.ndarray:
-    """Per-label pixel count, coordinate sums and channel sums of one block.
+logger = logging.getLogger(__name__)
 
-    Returns an array of shape (n_labels_in_block, 4 + C): id, count, sum_y, sum_x, sums.
-    """
-    labels = np.asarray(labels)
-    flat = labels.ravel()
-    inside = flat > 0
-    if not inside.any():
-        return np.zeros((0, 4 + image.shape[0]), dtype=np.float64)
-    ids, inverse = np.unique(flat[inside], return_inverse=True)
-    n = ids.size
-    yy, xx = np.nonzero(labels > 0)
-    out = np.empty((n, 4 + image.shape[0]), dtype=np.float64)
-    out[:, 0] = ids
-    out[:, 1] = np.bincount(inverse, minlength=n)
-    # np.nonzero walks in the same C order as ravel(), so inverse lines up with yy, xx
-    out[:, 2] = np.bincount(inverse, weights=yy + y0, minlength=n)
-    out[:, 3] = np.bincount(inverse, weights=xx + x0, minlength=n)
-    pixels = np.asarray(image).reshape(image.shape[0], -1)[:, inside]
-    for c in range(image.shape[0]):
-        out[:, 4 + c] = np.bincount(inverse, weights=pixels[c].astype(np.float64), minlength=n)
-    return out
+# Panel compartment (MarkerSpec.compartment) -> the layer that X takes it from.
+COMPARTMENT_LAYERS = {"nuclear": "nucleus", "membrane": "membrane", "cytoplasm": "cytoplasm", "whole": "cell"}
+_LAYERS = ("nucleus", "membrane", "cytoplasm", "cell")
+# A ring thinner than one pixel would be empty: take at least the boundary pixels.
+_MIN_RING_PX = 1.0 + 1e-6
+_MAX_STARDIST_ID = 65535  # stardist's star_dist reads labels as uint16
+_RAY_BATCH = 1024  # objects per star_dist call, to bound its canvas
 
 
-def measure_objects(
-    label_image: da.Array,
-    intensity_image: da.Array,
+@dataclass
+class _Table:
+    """Measurements of k cells in level-0 px; the stages' internal currency."""
+
+    ids: np.ndarray  # (k,) int64
+    nucleus_px: np.ndarray  # (k,) float64 pixel counts
+    cell_px: np.ndarray  # (k,)
+    centroid_yx: np.ndarray  # (k, 2) float64, nucleus centroid
+    eccentricity: np.ndarray  # (k,)
+    solidity: np.ndarray  # (k,)
+    means: np.ndarray  # (4, k, C) float64, compartments in _LAYERS order
+    centre_yx: np.ndarray  # (k, 2) int64, pixel the rays start from
+    ray_dist: np.ndarray  # (k, n_rays) float32, px
+
+    @classmethod
+    def concat(cls, tables: Sequence[_Table]) -> _Table:
+        axis = {"means": 1}
+        return cls(**{f.name: np.concatenate([getattr(t, f.name) for t in tables], axis=axis.get(f.name, 0))
+                      for f in fields(cls)})
+
+    def take(self, order: np.ndarray) -> _Table:
+        return _Table(**{f.name: getattr(self, f.name)[:, order] if f.name == "means" else getattr(self, f.name)[order]
+                         for f in fields(self)})
+
+    @classmethod
+    def empty(cls, n_channels: int, n_rays: int) -> _Table:
+        z = np.zeros(0)
+        return cls(z.astype(np.int64), z, z, np.zeros((0, 2)), z, z, np.zeros((4, 0, n_channels)),
+                   np.zeros((0, 2), np.int64), np.zeros((0, n_rays), np.float32))
+
+
+def measure_cells(
+    nuclei: zarr.Array | da.Array,
+    cells: zarr.Array | da.Array,
+    image: da.Array,
     *,
+    grid: TileGrid,
     pixel_um: float,
     markers: Mapping[str, int],
-    channel_names: tuple[str, ...] | None = None,
+    compartments: Mapping[str, str],
+    nuclear_channel: int,
+    expand_um: float,
+    membrane_um: float,
+    channel_names: Sequence[str] | None = None,
+    n_rays: int = 32,
 ) -> ad.AnnData:
-    """Measure every labelled object: centroid, area and mean intensity per marker.
-
-    The label image is read block by block (its own chunks); partial sums of objects
-    that straddle blocks are added up, so the answer does not depend on chunking and
-    memory stays bounded by one block plus the per-object table.
+    """Measure every cell, tile by tile: intensities per compartment, morphology, outline.
 
     Parameters
     ----------
-    label_image : dask array, shape (Y, X), integer
-        Instance labels at level 0; 0 is background.
-    intensity_image : dask array, shape (C, Y, X)
-        The slide's level 0 (any chunking; it is aligned to the labels' chunks).
+    nuclei, cells : zarr.Array or dask array, shape (Y, X), integer
+        Level-0 nucleus labels and the cells grown from them
+        (:func:`tme_pipeline.cells.expand_nuclei_tiled`); cell id = nucleus id.
+    image : dask array, shape (C, Y, X)
+        The slide's level 0, intensities in the slide's units; any chunking.
+    grid : TileGrid
+        The segmentation's grid; its overlap exceeds the largest nucleus.
     pixel_um : float
-        Level-0 pixel size (µm).
+        Level-0 pixel size, µm.
     markers : mapping of str to int
-        Marker name -> channel index; the order is the order of ``var``.
-    channel_names : tuple of str, optional
-        The slide's channel names, recorded in ``var['channel']``.
+        Marker -> channel index; its order is the order of ``var``.
+    compartments : mapping of str to str
+        Marker -> ``nuclear``, ``membrane``, ``cytoplasm`` or ``whole``: which
+        compartment's mean ``X`` holds (``MarkerSpec.compartment``).
+    nuclear_channel : int
+        Channel the nuclei were segmented on; its nucleus mean is ``dapi_mean``.
+    expand_um : float
+        How far cells reach beyond their nucleus, µm (``CellsConfig.expand_um``);
+        widens the windows and is recorded in ``uns['cells']``.
+    membrane_um : float
+        Width of the membrane ring, µm; below one pixel, one pixel.
+    channel_names : sequence of str, optional
+        The slide's channel names for ``var['channel']``; ``C<index>`` without.
+    n_rays : int, optional
+        Rays of the nucleus polygon.
 
     Returns
     -------
     AnnData
-        One row per object, ordered by label id. ``obs``: ``cell_id`` (the label id),
-        ``x_um``, ``y_um``, ``area_um2``. ``X`` (float32): mean intensity per marker,
-        in the slide's units. ``obsm['spatial']``: (n, 2) centroids ``x, y`` in µm.
-        ``uns['spatial_unit'] = 'um'``.
+        One row per cell, ordered by ``cell_id`` (index: the id as str).
+        ``obs``: ``cell_id`` (int), ``x_um``, ``y_um`` (nucleus centroid, µm;
+        pixel centres at index × pixel size), ``area_um2`` (cell),
+        ``nucleus_area_um2``, ``eccentricity``, ``solidity`` (of the nucleus, as
+        :func:`skimage.measure.regionprops`), ``dapi_mean``. ``var`` (index:
+        markers): ``compartment``, ``channel``. ``X`` (float32, n × markers):
+        each marker's mean in its compartment. ``layers`` ``nucleus``,
+        ``membrane``, ``cytoplasm``, ``cell`` (float32, n × markers): the mean in
+        each. ``obsm['spatial']``: (n, 2) float64 centroids ``x, y`` µm.
+        ``obsm['nucleus_polygon_um']``: (n, n_rays, 2) float32 vertices ``x, y``
+        µm, the star-convex polygon of the nucleus (stardist's ``star_dist``
+        from the centroid pixel, or the nucleus pixel nearest to the centroid
+        when that pixel is outside; ray k at angle 2πk/n_rays, row offset
+        ``d·sin``, column offset ``d·cos``). ``uns``: ``spatial_unit = 'um'``,
+        ``pixel_um``, ``cells = {expand_um, membrane_um, n_rays}``.
+
+    Raises
+    ------
+    ValueError
+        On inconsistent shapes or panel arguments, or when a cell reaches the
+        edge of its tile's window (an object larger than the tile overlap).
     """
-    if label_image.ndim != 2 or intensity_image.ndim != 3:
-        raise ValueError("measure_objects expects labels (Y, X) and an image (C, Y, X)")
-    if label_image.shape != intensity_image.shape[1:]:
-        raise ValueError(
-            f"label image {label_image.shape} and intensity image {intensity_image.shape[1:]} differ in shape"
-        )
-    marker_names = list(markers)
-    channels = [markers[m] for m in marker_names]
-    image = intensity_image[channels].rechunk((len(channels), *label_image.chunks))
+    image = image if isinstance(image, da.Array) else da.asarray(image)
+    chans = _check(image, grid.shape_yx, markers, compartments, nuclear_channel, pixel_um, n_rays)
+    nuclei, cells = _as_dask(nuclei, grid), _as_dask(cells, grid)
+    pixels = image[chans]
+    membrane_px = max(membrane_um / pixel_um, _MIN_RING_PX)
+    guard = math.ceil(membrane_px)
+    margin = grid.overlap_px + math.ceil(expand_um / pixel_um) + guard + 1
+    tasks = []
+    for tile in grid.tiles:
+        box = window_box(grid, tile, margin)
+        sl = _slices(box)
+        tasks.append(dask.delayed(_measure_tile, pure=False)(
+            _Window(nuclei[sl]), _Window(cells[sl]), _Window(pixels[(slice(None), *sl)]),
+            tile, box, grid.shape_yx, membrane_px, guard, n_rays,
+        ))
+    tables = [t for t in dask.compute(*tasks) if t.ids.size]
+    table = _Table.concat(tables) if tables else _Table.empty(len(chans), n_rays)
+    table = table.take(np.argsort(table.ids, kind="stable"))
+    if np.any(np.diff(table.ids) == 0):
+        raise ValueError("a cell was measured by two tiles: is a nucleus larger than the tile overlap?")
+    logger.info("measured %d cells", table.ids.size)
+    return _anndata(table, chans, markers, compartments, nuclear_channel, channel_names, pixel_um,
+                    {"expand_um": float(expand_um), "membrane_um": float(membrane_um), "n_rays": int(n_rays)})
 
-    label_blocks = label_image.to_delayed()
-    image_blocks = image.to_delayed()[0]
-    y_starts = np.concatenate([[0], np.cumsum(label_image.chunks[0])[:-1]])
-    x_starts = np.concatenate([[0], np.cumsum(label_image.chunks[1])[:-1]])
-    parts = [
-        dask.delayed(_block_sums)(label_blocks[i, j], image_blocks[i, j], int(y0), int(x0))
-        for i, y0 in enumerate(y_starts)
-        for j, x0 in enumerate(x_starts)
-    ]
-    (tables,) = dask.compute(parts)
-    table = np.concatenate(tables, axis=0) if tables else np.zeros((0, 4 + len(channels)))
 
-    ids, inverse = np.unique(table[:, 0].astype(np.int64), return_inverse=True)
-    sums = np.column_stack(
-        [np.bincount(inverse, weights=table[:, k], minlength=ids.size) for k in range(1, table.shape[1])]
-    ) if ids.size else np.zeros((0, table.shape[1] - 1))
-    count = sums[:, 0]
-    y_um = sums[:, 1] / np.maximum(count, 1) * pixel_um
-    x_um = sums[:, 2] / np.maximum(count, 1) * pixel_um
-    means = (sums[:, 3:] / np.maximum(count, 1)[:, None]).astype(np.float32)
+def _check(image, shape_yx, markers, compartments, nuclear_channel, pixel_um, n_rays) -> list[int]:
+    """Validate the arguments; the sorted channel indices to read."""
+    if image.ndim != 3 or tuple(image.shape[1:]) != tuple(shape_yx):
+        raise ValueError(f"image must be (C, Y, X) with (Y, X) = {tuple(shape_yx)}, got {image.shape}")
+    if not pixel_um > 0 or n_rays < 3:
+        raise ValueError(f"need pixel_um > 0 and n_rays >= 3, got {pixel_um}, {n_rays}")
+    bad = {m: compartments.get(m) for m in markers if compartments.get(m) not in COMPARTMENT_LAYERS}
+    if bad:
+        raise ValueError(f"markers without a valid compartment ({', '.join(COMPARTMENT_LAYERS)}): {bad}")
+    chans = sorted({*markers.values(), nuclear_channel})
+    if chans and not 0 <= chans[0] <= chans[-1] < image.shape[0]:
+        raise ValueError(f"channel indices {chans} out of range for {image.shape[0]} channels")
+    return chans
 
-    obs = pd.DataFrame(
-        {
-            "cell_id": ids,
-            "x_um": x_um,
-            "y_um": y_um,
-            "area_um2": count * pixel_um**2,
-        },
-        index=pd.Index(ids.astype(str), name="cell"),
-    )
-    var = pd.DataFrame(index=pd.Index(marker_names, name="marker"))
-    if channel_names is not None:
-        var["channel"] = [channel_names[c] for c in channels]
-    adata = ad.AnnData(X=means, obs=obs, var=var)
-    adata.obsm["spatial"] = np.column_stack([x_um, y_um])
+
+def _measure_tile(nuc_w: _Window, cell_w: _Window, img_w: _Window, tile: Tile, box, shape_yx,
+                  membrane_px: float, guard: int, n_rays: int) -> _Table:
+    nuc, cell, img = nuc_w.read(), cell_w.read(), img_w.read()
+    ny, nx = shape_yx
+    ids, inverse, count = np.unique(nuc.ravel(), return_inverse=True, return_counts=True)
+    h, w = nuc.shape
+    yy = np.repeat(np.arange(h, dtype=np.float64), w)
+    xx = np.tile(np.arange(w, dtype=np.float64), h)
+    cy = np.bincount(inverse, weights=yy) / count + box[0]
+    cx = np.bincount(inverse, weights=xx) / count + box[1]
+    ry, rx = np.floor(cy + 0.5), np.floor(cx + 0.5)
+    y0, x0, y1, x1 = tile.core
+    own = (ids > 0) & (ry >= y0) & (ry < y1) & (rx >= x0) & (rx < x1)
+    if not own.any():
+        return _Table.empty(img.shape[0], n_rays)
+    owned = ids[own].astype(np.int64)
+    lut = np.zeros(ids.size, np.int64)
+    lut[own] = np.arange(1, owned.size + 1)
+    nuc_local = lut[inverse].reshape(h, w)
+    cell_local = _local_ids(cell, owned)
+    # Window sides inside the slide must stay `guard` px clear of owned cells.
+    lo = (guard if box[0] > 0 else 0, guard if box[1] > 0 else 0)
+    hi = (h - guard if box[2] < ny else h, w - guard if box[3] < nx else w)
+    _check_inside(nuc_local, cell_local, owned, lo, hi, tile)
+    table = _measure_local(nuc_local, cell_local, cell, nuc != cell, img, owned, membrane_px, n_rays)
+    table.centroid_yx = np.stack([cy[own], cx[own]], axis=1)
+    table.centre_yx += np.asarray(box[:2], np.int64)
+    return table
+
+
+def _local_ids(labels: np.ndarray, owned: np.ndarray) -> np.ndarray:
+    """`labels` with owned ids (sorted) mapped to 1..k and all others to 0."""
+    pos = np.searchsorted(owned, labels)
+    hit = owned[np.minimum(pos, owned.size - 1)] == labels
+    return np.where(hit, pos + 1, 0)
+
+
+def _check_inside(nuc_local, cell_local, owned, lo, hi, tile: Tile) -> None:
+    from scipy import ndimage as ndi
+
+    k = owned.size
+    for name, local in (("nucleus", nuc_local), ("cell", cell_local)):
+        for i, sl in enumerate(ndi.find_objects(local, max_label=k)):
+            if sl is None:
+                raise ValueError(f"nucleus {owned[i]} has no cell: cells must be grown from these nuclei")
+            if sl[0].start < lo[0] or sl[1].start < lo[1] or sl[0].stop > hi[0] or sl[1].stop > hi[1]:
+                raise ValueError(
+                    f"{name} {owned[i]} reaches the edge of tile {tile.index}'s window: it is larger "
+                    f"than the tile overlap allows; raise segmentation.overlap_um"
+                )
+
+
+def _measure_local(nuc_local, cell_local, cell, not_nucleus, img, owned, membrane_px, n_rays) -> _Table:
+    """Measure owned objects 1..k of a window (fast path, vectorised over cells)."""
+    k = owned.size
+    ring_local = np.where(_ring(cell, membrane_px), cell_local, 0)
+    cyto_local = np.where(not_nucleus, cell_local, 0)
+    counts, means = [], []
+    for lab in (nuc_local, ring_local, cyto_local, cell_local):
+        flat = lab.ravel()
+        sel = np.flatnonzero(flat)
+        n = np.bincount(flat[sel], minlength=k + 1)[1:].astype(np.float64)
+        sums = [np.bincount(flat[sel], weights=c.ravel()[sel].astype(np.float64), minlength=k + 1)[1:]
+                for c in img]
+        counts.append(n)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means.append(np.stack(sums, axis=1) / n[:, None] if sums else np.zeros((k, 0)))
+    empty = counts[2] == 0
+    means[2][empty] = means[1][empty]  # no cytoplasm: the membrane ring
+    ecc = _eccentricity(nuc_local, k)
+    solidity, centre, dist = _nucleus_shapes(nuc_local, k, n_rays)
+    return _Table(owned, counts[0], counts[3], np.zeros((k, 2)), ecc, solidity, np.stack(means), centre, dist)
+
+
+def _ring(labels: np.ndarray, membrane_px: float) -> np.ndarray:
+    """Pixels with another label (or background) closer than `membrane_px`; (h, w) bool.
+
+    Equal to ``distance_transform_edt(labels == own) < membrane_px`` for every
+    label at once; pixels beyond the array do not count as outside.
+    """
+    r = math.ceil(membrane_px)
+    padded = np.pad(labels, r, mode="edge")
+    h, w = labels.shape
+    ring = np.zeros(labels.shape, bool)
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            if 0 < math.sqrt(dy * dy + dx * dx) < membrane_px:
+                ring |= padded[r + dy:r + dy + h, r + dx:r + dx + w] != labels
+    return ring & (labels > 0)
+
+
+def _eccentricity(local: np.ndarray, k: int) -> np.ndarray:
+    """regionprops eccentricity of objects 1..k: from the pixel coordinates' covariance."""
+    flat = local.ravel()
+    sel = np.flatnonzero(flat)
+    y, x = np.divmod(sel, local.shape[1])
+    lab = flat[sel]
+    n = np.bincount(lab, minlength=k + 1)[1:]
+    my = np.bincount(lab, weights=y, minlength=k + 1)[1:] / n
+    mx = np.bincount(lab, weights=x, minlength=k + 1)[1:] / n
+    dy, dx = y - my[lab - 1], x - mx[lab - 1]
+    a = np.bincount(lab, weights=dy * dy, minlength=k + 1)[1:] / n
+    c = np.bincount(lab, weights=dx * dx, minlength=k + 1)[1:] / n
+    b = np.bincount(lab, weights=dy * dx, minlength=k + 1)[1:] / n
+    root = np.sqrt(((a - c) / 2) ** 2 + b**2)
+    l1 = np.maximum((a + c) / 2 + root, 0)
+    l2 = np.maximum((a + c) / 2 - root, 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(l1 > 0, np.sqrt(np.clip(1 - l2 / l1, 0, 1)), 0.0)
+
+
+def _nucleus_shapes(local: np.ndarray, k: int, n_rays: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Solidity (as regionprops), ray centre pixel (k, 2) and star distances (k, n_rays) of 1..k."""
+    from scipy import ndimage as ndi
+    from skimage.morphology import convex_hull_image
+
+    boxes = ndi.find_objects(local, max_label=k)
+    masks = [local[sl] == i + 1 for i, sl in enumerate(boxes)]
+    solidity = np.array([m.sum() / convex_hull_image(m).sum() for m in masks])
+    centre = np.array([_centre_pixel(m) for m in masks], np.int64).reshape(k, 2)
+    dist = np.concatenate([_ray_dist(masks[b:b + _RAY_BATCH], centre[b:b + _RAY_BATCH], n_rays)
+                           for b in range(0, k, _RAY_BATCH)])
+    return solidity, centre + [(sl[0].start, sl[1].start) for sl in boxes], dist
+
+
+def _centre_pixel(mask: np.ndarray) -> np.ndarray:
+    """The centroid pixel (rounded half up) of `mask`, or its pixel nearest the centroid."""
+    yy, xx = np.nonzero(mask)
+    cy, cx = yy.mean(), xx.mean()
+    ry, rx = int(np.floor(cy + 0.5)), int(np.floor(cx + 0.5))
+    if mask[ry, rx]:
+        return np.array([ry, rx])
+    j = int(np.argmin((yy - cy) ** 2 + (xx - cx) ** 2))
+    return np.array([yy[j], xx[j]])
+
+
+def _ray_dist(masks: Sequence[np.ndarray], centres: np.ndarray, n_rays: int) -> np.ndarray:
+    """stardist's ``star_dist`` of each mask at its centre pixel; (k, n_rays) float32 px.
+
+    star_dist evaluates every object pixel, though one per object is needed. So
+    the masks are pasted, each framed by background, with their centres on a
+    lattice of spacing g, and star_dist runs on that lattice only (its `grid`).
+    A ray stops on the first pixel that is not its object (one step at most
+    past the object), so it sees the same pixels as on the label image.
+    """
+    from stardist.geometry import star_dist
+
+    k = len(masks)
+    g = 2 * max(max(m.shape) for m in masks) + 3
+    cols = math.ceil(math.sqrt(k))
+    canvas = np.zeros(((-(-k // cols) + 1) * g, (cols + 1) * g), np.uint16)
+    slots = np.stack([np.arange(k) // cols + 1, np.arange(k) % cols + 1], axis=1)
+    for mask, (cy, cx), (sy, sx) in zip(masks, centres, slots * g):
+        canvas[sy - cy:sy - cy + mask.shape[0], sx - cx:sx - cx + mask.shape[1]][mask] = 1
+    return star_dist(canvas, n_rays=n_rays, grid=(g, g), mode="cpp")[slots[:, 0], slots[:, 1]]
+
+
+def _anndata(table: _Table, chans, markers, compartments, nuclear_channel, channel_names, pixel_um,
+             params: dict) -> ad.AnnData:
+    """The cells.h5ad AnnData of a table: µm, float32 layers, plain arrays and strings only."""
+    names = list(markers)
+    col = {c: j for j, c in enumerate(chans)}
+    cols = [col[markers[m]] for m in names]
+    layers = {name: table.means[j][:, cols].astype(np.float32) for j, name in enumerate(_LAYERS)}
+    X = np.empty((table.ids.size, len(names)), np.float32)
+    for j, m in enumerate(names):
+        X[:, j] = layers[COMPARTMENT_LAYERS[compartments[m]]][:, j]
+    y_um, x_um = table.centroid_yx[:, 0] * pixel_um, table.centroid_yx[:, 1] * pixel_um
+    obs = pd.DataFrame({
+        "cell_id": table.ids.astype(np.int64), "x_um": x_um, "y_um": y_um,
+        "area_um2": table.cell_px * pixel_um**2, "nucleus_area_um2": table.nucleus_px * pixel_um**2,
+        "eccentricity": table.eccentricity.astype(np.float64), "solidity": table.solidity.astype(np.float64),
+        "dapi_mean": table.means[0][:, col[nuclear_channel]],
+    }, index=pd.Index(table.ids.astype(str), name="cell"))
+    var = pd.DataFrame({
+        "compartment": [compartments[m] for m in names],
+        "channel": [channel_names[markers[m]] if channel_names is not None else f"C{markers[m]}" for m in names],
+    }, index=pd.Index(names, name="marker"))
+    adata = ad.AnnData(X=X, obs=obs, var=var, layers=layers)
+    adata.obsm["spatial"] = np.column_stack([x_um, y_um]).astype(np.float64)
+    adata.obsm["nucleus_polygon_um"] = _polygon_um(table, pixel_um)
     adata.uns["spatial_unit"] = "um"
     adata.uns["pixel_um"] = float(pixel_um)
+    adata.uns["cells"] = params
     return adata
+
+
+def _polygon_um(table: _Table, pixel_um: float) -> np.ndarray:
+    """Vertices (n, n_rays, 2) float32 ``x, y`` µm, as stardist's ``dist_to_coord``."""
+    from stardist.geometry.geom2d import ray_angles
+
+    phi = ray_angles(table.ray_dist.shape[1])
+    d = table.ray_dist.astype(np.float64)
+    y = table.centre_yx[:, :1] + d * np.sin(phi)
+    x = table.centre_yx[:, 1:] + d * np.cos(phi)
+    return (np.stack([x, y], axis=-1) * pixel_um).astype(np.float32)

@@ -8,10 +8,13 @@ Layout (zarr format 2, ``/``-separated chunk keys, as ome-zarr-py writes 0.4)::
       labels/                   attrs {"labels": ["nuclei", "cells"]}
         nuclei/                 multiscales + "image-label", axes y, x in µm
           0/ 1/ ...             uint32 levels, 2x mode-downsampled, chunked by tile
+        cells/                  the same for the cells grown from the nuclei
+          0/ 1/ ...             (cell id = nucleus id)
 
 Readers (ome-zarr-py, napari-ome-zarr) open the root and find the labels
 beside the overview. Before the overview is written, or without it, the labels
-stand on their own: open ``labels.ome.zarr/labels`` (or ``labels/nuclei``).
+stand on their own: open ``labels.ome.zarr/labels`` (or ``labels/nuclei``,
+``labels/cells``).
 Every write is chunk by chunk through Dask, so memory stays flat.
 """
 
@@ -26,12 +29,14 @@ import dask.array as da
 import numpy as np
 import zarr
 
-__all__ = ["create_labels_zarr", "write_label_pyramid", "write_overview_image"]
+__all__ = ["LABEL_NAMES", "create_labels_zarr", "write_label_pyramid", "write_overview_image"]
 
 logger = logging.getLogger(__name__)
 
 NGFF_VERSION = "0.4"
 _CHUNK_KEYS = {"name": "v2", "separator": "/"}
+# The label images of a slide, in the order of labels/.zattrs.
+LABEL_NAMES = ("nuclei", "cells")
 
 
 def _axes(names: Sequence[str]) -> list[dict]:
@@ -63,7 +68,7 @@ def create_labels_zarr(
     shape_yx: Sequence[int],
     pixel_um: float,
     chunk_px: int,
-    names: Sequence[str] = ("nuclei",),
+    names: Sequence[str] = LABEL_NAMES,
 ) -> zarr.Group:
     """Create an empty NGFF labels store with one level-0 array per label name.
 
@@ -80,7 +85,8 @@ def create_labels_zarr(
         Chunk side of every level, px; the tile core size, so that
         :func:`tme_pipeline.tiling.segment_tiled` writes whole chunks.
     names : sequence of str, optional
-        Label images to create.
+        Label images to create, listed in ``labels/.zattrs`` in this order;
+        by default ``nuclei`` and ``cells``, with the same chunking.
 
     Returns
     -------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
     from .weights import StarDistModel
 
-__all__ = ["InferenceSettings", "inference_settings", "run_net"]
+__all__ = ["InferenceSettings", "cpu_has_native_bf16", "inference_settings", "run_net"]
 
 # Patch core size when none is given, px: large enough that the context
 # (receptive field, 128 px a side) costs little, small enough that a patch's
@@ -55,6 +56,16 @@ class InferenceSettings:
     channels_last: bool = True
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX).
+
+    Without it, bfloat16 convolutions are emulated and slower than float32.
+    """
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def inference_settings(device: str | None = None, *, precision: str | None = None) -> InferenceSettings:
     """Settings for ``device``; ``None`` picks CUDA when available, else CPU.
 
@@ -62,12 +73,17 @@ def inference_settings(device: str | None = None, *, precision: str | None = Non
     ----------
     device : str, optional
         Torch device string.
-    precision : {"fp32", "fp16", "bf16"}, optional
-        Arithmetic of the net. Default: fp16 (autocast) on CUDA, fp32 on CPU,
-        where fp32 reproduces the official StarDist to ~1e-6. bf16 on CPUs
-        with AVX512-BF16/AMX is ~2x faster, prob within ~1e-2.
+    precision : {"auto", "fp32", "fp16", "bf16"}, optional
+        Arithmetic of the net. ``None`` or ``"auto"``: fp16 (autocast) on
+        CUDA, fp32 on CPU. fp32 reproduces the official StarDist to ~1e-6 and
+        gives the same nuclei whatever the tiling. bf16 (opt-in; ~2x faster
+        convolutions on CPUs with AVX512-BF16 or AMX, see
+        :func:`cpu_has_native_bf16`) moves probabilities by ~1e-2 and
+        distances by ~0.1 px: accuracy against truth is unchanged, but
+        near-tied candidates can swap in NMS, so a tiled slide agrees with
+        one piece for only ~98 % of nuclei at IoU 0.9 (``docs/benchmarks.md``).
 
-    >>> inference_settings("cpu").autocast_dtype is None
+    >>> inference_settings("cpu", precision="fp32").autocast_dtype is None
     True
     """
     import torch
@@ -75,12 +91,42 @@ def inference_settings(device: str | None = None, *, precision: str | None = Non
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     cuda = torch.device(device).type == "cuda"
-    precision = precision or ("fp16" if cuda else "fp32")
+    if precision in (None, "auto"):
+        precision = "fp16" if cuda else "fp32"
     dtypes = {"fp32": None, "fp16": "float16", "bf16": "bfloat16"}
     if precision not in dtypes or (precision == "fp16" and not cuda):
-        raise ValueError(f"precision must be one of fp32, bf16, fp16 (CUDA only), got {precision!r} for {device}")
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16 (CUDA only), got {precision!r} for {device}")
     return InferenceSettings(device=str(device), autocast_dtype=dtypes[precision], pin_memory=cuda,
                              non_blocking=cuda)
+
+
+# Moving a module (device, memory format) replaces its parameters' storage in place; a
+# thread already running the same module then reads freed memory, and a half-converted
+# module can keep corrupted weights for the rest of the process (seen under Dask's threaded
+# scheduler: garbage outputs, an abort in the NMS). Tiles share one model, so the first
+# move is done by one thread while the others wait, and later calls find it done.
+_PREPARE_LOCK = threading.Lock()
+
+
+def _prepare(net: "torch.nn.Module", settings: InferenceSettings) -> "torch.nn.Module":
+    """``net`` on ``settings.device`` (and channels-last), moved at most once."""
+    import torch
+
+    target = torch.empty(0, device=settings.device).device  # "cuda" -> "cuda:0"
+
+    def ready() -> bool:
+        weights = [p for p in net.parameters() if p.ndim == 4]
+        return all(p.device == target for p in net.parameters()) and (
+            not settings.channels_last
+            or all(p.is_contiguous(memory_format=torch.channels_last) for p in weights))
+
+    if not ready():
+        with _PREPARE_LOCK:
+            if not ready():
+                net.to(settings.device)
+                if settings.channels_last:
+                    net.to(memory_format=torch.channels_last)
+    return net
 
 
 def run_net(
@@ -131,9 +177,7 @@ def run_net(
                     else [(0, 0, n)])
     windows = [(wy, wx) for wy in axes[0] for wx in axes[1]]
 
-    net = model.net.to(settings.device)
-    if settings.channels_last:
-        net = net.to(memory_format=torch.channels_last)
+    net = _prepare(model.net, settings)
     autocast = (torch.autocast(dev_type, dtype=getattr(torch, settings.autocast_dtype))
                 if settings.autocast_dtype else contextlib.nullcontext())
     with torch.inference_mode(), autocast:

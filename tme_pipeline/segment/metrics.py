@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["MatchStats", "match_labels", "overlap_table", "pooled_scores"]
+__all__ = ["MatchStats", "match_labels", "matched_pairs", "overlap_table", "pooled_scores"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,45 @@ def match_labels(
     >>> (s.tp, s.fp, s.fn)
     (1, 1, 1)
     """
+    matched_t, _, iou, n_t, n_p = _match(truth, pred, iou_threshold)
+    tp = int(len(matched_t))
+    fp = n_p - tp
+    fn = n_t - tp
+    precision = tp / (tp + fp) if tp + fp else 1.0
+    recall = tp / (tp + fn) if tp + fn else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    mean_iou = float(iou.mean()) if tp else float("nan")
+    return MatchStats(tp, fp, fn, precision, recall, f1, mean_iou, float(iou_threshold))
+
+
+def matched_pairs(
+    truth: np.ndarray, pred: np.ndarray, *, iou_threshold: float = 0.5
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The one-to-one matches :func:`match_labels` counts, as id pairs.
+
+    Parameters
+    ----------
+    truth, pred : (...) int ndarray
+        Label images of the same shape; 0 is background.
+    iou_threshold : float, optional
+        Minimum IoU of a match, in (0, 1].
+
+    Returns
+    -------
+    truth_ids, pred_ids : (M,) int64 ndarray
+        Matched ids, pair by pair.
+    iou : (M,) float64 ndarray
+        IoU of each pair.
+
+    >>> matched_pairs(np.array([[1, 1, 0, 2, 2, 2]]), np.array([[3, 3, 0, 0, 0, 4]]))[:2]
+    (array([1]), array([3]))
+    """
+    matched_t, matched_p, iou, _, _ = _match(truth, pred, iou_threshold)
+    return matched_t, matched_p, iou
+
+
+def _match(truth, pred, iou_threshold):
+    """Matched truth ids, predicted ids, IoUs, and the object counts of both images."""
     if not 0.0 < iou_threshold <= 1.0:
         raise ValueError(f"iou_threshold must lie in (0, 1], got {iou_threshold}")
     pairs, inter, ids_t, ids_p = overlap_table(truth, pred)
@@ -129,15 +168,7 @@ def match_labels(
     if iou_threshold <= 0.5 and (_has_repeats(it) or _has_repeats(ip)):
         keep = _greedy_unique(it, ip, iou)
         it, ip, iou = it[keep], ip[keep], iou[keep]
-
-    tp = int(len(iou))
-    fp = len(ids_p) - tp
-    fn = len(ids_t) - tp
-    precision = tp / (tp + fp) if tp + fp else 1.0
-    recall = tp / (tp + fn) if tp + fn else 1.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    mean_iou = float(iou.mean()) if tp else float("nan")
-    return MatchStats(tp, fp, fn, precision, recall, f1, mean_iou, float(iou_threshold))
+    return ids_t[it], ids_p[ip], iou, len(ids_t), len(ids_p)
 
 
 def _has_repeats(idx: np.ndarray) -> bool:

@@ -26,7 +26,7 @@ CROP_PX = 1024
 
 def synth_slide(path: str | Path, *, size_mm: tuple[float, float] = (2.0, 1.5), seed: int = 0,
                 pixel_um: float = 0.5, condition: SlideCondition | None = None, block_px: int = 1024,
-                truth_dir: str | Path | None = None) -> SlideTruth:
+                truth_dir: str | Path | None = None, gain_scale: float = 1.0) -> SlideTruth:
     """Write one synthetic pyramidal OME-TIFF slide and return its ground truth.
 
     Parameters
@@ -39,6 +39,9 @@ def synth_slide(path: str | Path, *, size_mm: tuple[float, float] = (2.0, 1.5), 
     block_px : rendering block edge in px (multiple of 256); does not change the pixels.
     truth_dir : folder for the truth files (see :mod:`tme_pipeline.synth.truth`); None
         writes none.
+    gain_scale : every channel's stain gain is multiplied by this (the same slide
+        stained or scanned brighter or dimmer: a batch-effect test); cells, layout
+        and noise draws are unchanged.
 
     Returns
     -------
@@ -59,13 +62,18 @@ def synth_slide(path: str | Path, *, size_mm: tuple[float, float] = (2.0, 1.5), 
     cells = make_cells(layout, condition, seed=seed)
     layout = layout.for_rendering()
     artefacts = make_artefacts(layout, seed=seed)
+    if not gain_scale > 0:
+        raise ValueError(f"{path}: gain_scale must be positive, got {gain_scale}")
     acq = Acquisition.draw(seed=seed)
+    if gain_scale != 1.0:
+        acq = dataclasses.replace(acq, gain=np.round(acq.gain * gain_scale, 6))
     release_free_memory()  # the generation's temporaries, before the long rendering phase
     t1 = time.perf_counter()
     scene = make_scene(layout, cells, artefacts, acq, pixel_um=pixel_um, shape_px=(h_px, w_px), seed=seed,
                        fibrosis=condition.fibrosis)
+    uuid_seed = f"{seed}:{size_mm}:{pixel_um}:{condition}" + (f":{gain_scale}" if gain_scale != 1.0 else "")
     write_pyramid(path, lambda win: render_block(scene, win), shape=(h_px, w_px), channel_names=list(MARKERS),
-                  pixel_um=pixel_um, block_px=block_px, uuid_seed=f"{seed}:{size_mm}:{pixel_um}:{condition}")
+                  pixel_um=pixel_um, block_px=block_px, uuid_seed=uuid_seed)
     t2 = time.perf_counter()
     tls = tls_table(layout.tls, cells, pixel_um)
     crop = _choose_crop(layout, tls, pixel_um, (h_px, w_px))
