@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size-mm", type=float, default=1.5, help="edge of each square slide, mm")
     ap.add_argument("--work", type=Path, default=Path("/tmp/tme_eval_phenotype"), help="slides and outputs")
     ap.add_argument("--no-robustness", action="store_true", help="skip the gain-scaled re-renders")
+    ap.add_argument("--seed0", type=int, default=TEST_SEED0,
+                    help="generator seed of the first slide (the others follow); default the test seeds")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -113,12 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     from tme_pipeline.pipeline import run_slide
 
     config = load_config(args.config)
-    report: dict = {"config": str(args.config or "default"), "segmentation": config.segmentation.method,
+    report: dict = {"config": str(args.config or "default"), "segmentation": config.segmentation.method, "seed0": args.seed0,
                     "size_mm": args.size_mm, "slides": []}
     pooled = {}
     t0 = time.perf_counter()
     for i, sample in enumerate(SAMPLES):
-        seed = TEST_SEED0 + i
+        seed = args.seed0 + i
         path, truth = _synth(args.work / "slides", seed, sample, args.size_mm)
         out_dir = args.work / "runs" / path.name.removesuffix(".ome.tif")
         run_slide(path, out_dir, config=config, overwrite=True)

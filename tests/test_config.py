@@ -12,7 +12,8 @@ def test_default_config_is_the_promis_panel():
     assert config.panel["FOXP3"].compartment == "nuclear"
     assert config.timepoints == ("pre", "post")
     assert config.segmentation.method == "stardist"
-    assert config.panel["CD8"].compartment == "whole" and config.panel["PD-L1"].compartment == "membrane"
+    assert config.panel["CD8"].compartment == "perinuclear" and config.panel["PD-L1"].compartment == "membrane"
+    assert config.cells.perinuclear_um == 2.0 and config.gating.within == {"PD-L1": "tumor"}
     assert config.segmentation.stardist.model == "stardist_fluo_synth"
 
 
@@ -29,6 +30,21 @@ def test_user_file_merges_over_defaults(tmp_path):
     assert config.segmentation.overlap_um == 40  # untouched default
     assert config.channel_map == {"Opal 520": "CD8"}
     assert "SATB2" in config.panel
+
+
+def test_gating_within_is_replaced_whole_and_checked(tmp_path):
+    path = tmp_path / "within.yaml"
+    path.write_text("gating:\n  within: {}\n  min_quality: 0.4\n")
+    config = load_config(path)
+    assert config.gating.within == {} and config.gating.min_quality == 0.4
+    for text, message in [
+        ("gating:\n  within: {PD-L1: macrophage}\n", r"'macrophage', which is not a phenotype"),
+        ("gating:\n  within: {CD8: tumor}\n", r"'CD8' takes part in the phenotype rules"),
+        ("gating:\n  within: {Ki67: tumor}\n", r"'Ki67', which is not a panel marker"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=rf"(?s)within\.yaml.*{message}"):
+            load_config(path)
 
 
 def test_unknown_key_names_key_and_file(tmp_path):

@@ -249,3 +249,57 @@ def test_uns_round_trips_through_h5ad(tmp_path):
     assert list(back.uns["phenotyping"]["flags"]) == cells.uns["phenotyping"]["flags"]
     assert list(back.obs["phenotype"].cat.categories) == [r.name for r in RULES] + ["other"]
     assert back.obs["CD8_pos"].dtype == bool
+
+
+# ----------------------------------------------------------------- gating within a phenotype
+
+def _tumour_pdl1(seed: int, n: int = 8000, fractions: dict | None = None):
+    """Cells whose tumour cells carry extra PD-L1-channel autofluorescence (+600 counts)."""
+    types, truth = cell_types(n, seed=seed, fractions=fractions)
+    cells, _ = make_cells(truth, seed=seed)
+    k = list(cells.var_names).index("PD-L1")
+    tumour = types == "tumor"
+    cells.X[tumour, k] += 600.0
+    for layer in cells.layers.values():
+        layer[tumour, k] += 600.0
+    return cells, types, truth
+
+
+def test_pdl1_gated_within_tumour_cells_recovers_the_tumour_proportion_score():
+    cells, types, truth = _tumour_pdl1(seed=16)
+    tumour = types == "tumor"
+    true_tps = truth["PD-L1"][tumour].mean()
+    everyone = cells.copy()
+    phenotype_cells(everyone, gating=GatingConfig(), phenotypes=RULES, slide_id="S")
+    result = phenotype_cells(cells, gating=GatingConfig(within={"PD-L1": "tumor"}), phenotypes=RULES, slide_id="S")
+    gate = result.gates["PD-L1"]
+    called_tumour = (cells.obs["phenotype"] == "tumor").to_numpy()
+    assert gate.population == "tumor" and gate.n_fitted == called_tumour.sum()
+    assert gate.method in ("valley", "mixture") and not gate.flagged
+    within_f1 = _f1(cells.obs["PD-L1_pos"].to_numpy()[tumour], truth["PD-L1"][tumour])
+    everyone_f1 = _f1(everyone.obs["PD-L1_pos"].to_numpy()[tumour], truth["PD-L1"][tumour])
+    assert within_f1 >= 0.93 and within_f1 > everyone_f1 + 0.05
+    tps = cells.obs["PD-L1_pos"].to_numpy()[called_tumour].mean()
+    assert abs(tps - true_tps) < 0.03
+    # the lineage markers are gated exactly as without `within`
+    for m in ("CD3", "CD8", "SATB2"):
+        assert result.gates[m].gate == everyone.uns["gates"][m]["gate"]
+    assert cells.uns["gates"]["PD-L1"]["population"] == "tumor"
+    assert cells.uns["phenotyping"]["params"]["within"] == {"PD-L1": "tumor"}
+
+
+def test_within_a_rare_phenotype_falls_back_to_all_cells_with_a_flag():
+    fractions = {"tumor": 0.003, "fibroblast": 0.3, "macrophage": 0.1, "cd8_t": 0.2, "cd4_t": 0.2,
+                 "treg": 0.05, "b_cell": 0.15}
+    cells, _, _ = _tumour_pdl1(seed=17, n=4000, fractions=fractions)
+    result = phenotype_cells(cells, gating=GatingConfig(within={"PD-L1": "tumor"}), phenotypes=RULES,
+                             slide_id="P2_pre")
+    assert result.gates["PD-L1"].population == "all" and result.gates["PD-L1"].n_fitted == cells.n_obs
+    assert any("'P2_pre'" in f and "'PD-L1'" in f and "gated on all cells" in f for f in result.flags)
+
+
+def test_within_a_marker_of_the_rules_is_an_error():
+    types, truth = cell_types(500, seed=18)
+    cells, _ = make_cells(truth, seed=18)
+    with pytest.raises(ValueError, match="P4_post.*'CD8' within 'tumor'"):
+        phenotype_cells(cells, gating=GatingConfig(within={"CD8": "tumor"}), phenotypes=RULES, slide_id="P4_post")

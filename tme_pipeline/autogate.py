@@ -51,11 +51,13 @@ class Gate:
 
     Intensities are in raw ``X`` units. ``gate``, ``background``, ``noise_sd`` and ``cofactor``
     are NaN where they do not exist (an empty or constant channel). ``method`` is one of
-    ``'mixture'``, ``'fallback'``, ``'manual'``, ``'none'``. ``quality`` in [0, 1] is
+    ``'valley'``, ``'mixture'``, ``'fallback'``, ``'manual'``, ``'none'``. ``quality`` in [0, 1] is
     ``D**2 / (D**2 + 4)`` of Ashman's D of the accepted mixture (0.5 at D = 2, the usual
     threshold for two separated populations); without one (fallback, none, or a manual gate
     over those), of the mixture fitted to all cells, or 0 when none could be fitted. It
     describes the slide's data, so a manual gate keeps the automatic analysis' quality.
+    ``population`` names the cells the automatic gate was found on (``'all'`` or a phenotype,
+    see ``gating.within``) and ``n_fitted`` counts them; the gate applies to every cell.
     """
 
     marker: str
@@ -69,6 +71,8 @@ class Gate:
     positive_fraction: float
     n_positive: int
     flagged: bool
+    population: str = "all"
+    n_fitted: int = 0
 
     def to_uns(self) -> dict:
         """Plain, h5ad-writable values (no None)."""
@@ -333,7 +337,7 @@ def auto_gate(x: np.ndarray, marker: str, transform: str) -> Gate:
     finite = x[np.isfinite(x)]
     nan = float("nan")
     if finite.size < MIN_CELLS or np.ptp(finite) == 0:
-        return Gate(marker, nan, nan, nan, nan, transform, "none", 0.0, 0.0, 0, False)
+        return Gate(marker, nan, nan, nan, nan, transform, "none", 0.0, 0.0, 0, False, n_fitted=int(finite.size))
     bg, sd = estimate_background(finite)
     cof = COFACTOR_SD * sd
     kw = dict(background=bg, cofactor=cof, transform=transform)
@@ -347,14 +351,15 @@ def auto_gate(x: np.ndarray, marker: str, transform: str) -> Gate:
     gate_t, method, quality = t_fallback, "fallback", 0.0
     above = t > t_3sd
     if above.sum() < MIN_CELLS:
-        return Gate(marker, float(inverse_transform(gate_t, **kw)), bg, sd, cof, transform, method, 0.0, 0.0, 0, False)
+        return Gate(marker, float(inverse_transform(gate_t, **kw)), bg, sd, cof, transform, method, 0.0, 0.0, 0, False,
+                    n_fitted=int(finite.size))
     # A visible second mode: gate at the dip before it. Preferred to the mixture's crossing,
     # which a long right tail of the negatives drags into the positives, and to the mixture's
     # accept/reject test, whose verdict can flip with a 15 % change of stain.
     valley_t, depth = _valley_gate(t, t_3sd)
     if np.isfinite(valley_t):
         gate = float(inverse_transform(valley_t, **kw))
-        return Gate(marker, gate, bg, sd, cof, transform, "valley", float(depth), 0.0, 0, False)
+        return Gate(marker, gate, bg, sd, cof, transform, "valley", float(depth), 0.0, 0, False, n_fitted=int(finite.size))
     # 1) All cells, the low component started on the negative peak (and required to stay
     #    there), the high one on the cells above background + 3 sd.
     # 2) Else the cells right of the negative peak only, split first by Otsu: where the
@@ -377,4 +382,4 @@ def auto_gate(x: np.ndarray, marker: str, transform: str) -> Gate:
             gate_t, method, quality = g, "mixture", d * d / (d * d + 4.0)
             break
     gate = float(inverse_transform(gate_t, **kw))
-    return Gate(marker, gate, bg, sd, cof, transform, method, float(quality), 0.0, 0, False)
+    return Gate(marker, gate, bg, sd, cof, transform, method, float(quality), 0.0, 0, False, n_fitted=int(finite.size))

@@ -42,7 +42,7 @@ class MarkerSpec(_Strict):
     """
 
     aliases: tuple[str, ...] = ()
-    compartment: Literal["nuclear", "membrane", "cytoplasm", "whole"] = "whole"
+    compartment: Literal["nuclear", "membrane", "cytoplasm", "perinuclear", "whole"] = "whole"
     optional: bool = False
 
 
@@ -91,6 +91,9 @@ class CellsConfig(_Strict):
 
     expand_um: float = Field(3.0, ge=0, description="growth of each nucleus into its cell; cells never overlap")
     membrane_um: float = Field(1.5, gt=0, description="width of the membrane ring: the outer part of each cell")
+    perinuclear_um: float = Field(
+        2.0, ge=0, description="reach of the perinuclear compartment around the nucleus (within the cell)"
+    )
 
 
 class GatingConfig(_Strict):
@@ -107,6 +110,12 @@ class GatingConfig(_Strict):
     manual: dict[str, float] = Field(default_factory=dict, description="marker -> gate, every slide")
     per_slide: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="slide_id -> marker -> gate; overrides `manual` for that slide"
+    )
+    within: dict[str, str] = Field(
+        default_factory=dict,
+        description="marker -> phenotype: the marker's automatic gate is found on the cells of that "
+        "phenotype only (e.g. PD-L1 on tumor cells, where the tumour proportion score is read) and "
+        "then applies to every cell; the marker must not take part in any phenotype rule",
     )
 
 
@@ -204,6 +213,17 @@ class Config(_Strict):
         names = [rule.name for rule in self.phenotypes]
         if len(set(names)) != len(names):
             raise ValueError(f"phenotypes: names must be unique, got {names}")
+        in_rules = {m for rule in self.phenotypes for m in rule.signs()}
+        for marker, phenotype in self.gating.within.items():
+            if marker not in self.panel:
+                raise ValueError(f"gating.within names {marker!r}, which is not a panel marker ({', '.join(self.panel)}); "
+                                 "give `gating: {within: {}}` with a panel of your own")
+            if phenotype not in names:
+                raise ValueError(f"gating.within gates {marker!r} within {phenotype!r}, which is not a phenotype "
+                                 f"({', '.join(names)})")
+            if marker in in_rules:
+                raise ValueError(f"gating.within: {marker!r} takes part in the phenotype rules, so it cannot be "
+                                 f"gated within a phenotype (the phenotypes need its gate first)")
         if self.segmentation.channel not in self.panel:
             raise ValueError(
                 f"segmentation.channel {self.segmentation.channel!r} is not a panel marker "
@@ -226,10 +246,15 @@ def _format_errors(error: ValidationError) -> str:
     return "\n".join(lines)
 
 
+#: Mappings a user file replaces whole: a lab's panel (and which markers are gated within a
+#: phenotype) is not a patch of ours.
+_REPLACED_WHOLE = ("panel", "within")
+
+
 def _deep_merge(base: dict, override: dict) -> dict:
     merged = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "panel":
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in _REPLACED_WHOLE:
             merged[key] = _deep_merge(merged[key], value)
         else:
             merged[key] = value
@@ -240,7 +265,8 @@ def load_config(path: str | Path | None = None) -> Config:
     """Load and validate a run configuration.
 
     A user file is merged over ``configs/default.yaml`` section by section, except
-    ``panel``, which a user file replaces whole (a lab's panel is not a patch of ours).
+    ``panel`` and ``gating.within``, which a user file replaces whole (a lab's panel is
+    not a patch of ours).
 
     Parameters
     ----------

@@ -5,12 +5,16 @@ One slide at a time, in place on its cell table:
 1. spectral compensation of every compartment layer (when configured), ``X`` rebuilt;
 2. per marker, the background (the negative cells' mode) and its noise, from the slide;
 3. an automatic gate on ``arcsinh`` (or ``log``) of the background-subtracted intensity:
-   a two-Gaussian mixture (on all cells, else on the cells right of the negative peak),
-   else the background plus 5 times the negatives' right-hand spread
-   (:mod:`tme_pipeline.autogate`);
+   the valley before a second mode, else a two-Gaussian mixture (on all cells, else on the
+   cells right of the negative peak), else the background plus 5 times the negatives'
+   right-hand spread (:mod:`tme_pipeline.autogate`);
 4. manual gates override it (``gating.per_slide`` over ``gating.manual``);
-5. ``obs['<marker>_pos']`` and ``obs['phenotype']`` (the first rule that holds, else
-   ``other``); gates, flags and parameters go to ``uns['gates']`` and ``uns['phenotyping']``.
+5. ``obs['phenotype']``: the first rule that holds, else ``other``;
+6. markers of ``gating.within`` (in no rule) are gated last, on the cells of their phenotype
+   only: PD-L1 on tumour cells, whose own background and positive fraction (~30 %) give a
+   clear gate where all cells (~4 % positive, most of them lymphocytes) give a vague one;
+7. ``obs['<marker>_pos']``; gates, flags and parameters go to ``uns['gates']`` and
+   ``uns['phenotyping']``.
 
 Gates are recorded in raw ``X`` units, so any of them can be typed back as a manual gate.
 """
@@ -27,13 +31,14 @@ import pandas as pd
 
 from .autogate import COFACTOR_SD, FALLBACK_SD, MIN_SEPARATION_D, Gate, auto_gate
 from .config import CompensationConfig, GatingConfig, PhenotypeRule
+from .quantify import COMPARTMENT_LAYERS
 
-__all__ = ["phenotype_cells", "PhenotypeResult", "Gate", "compensate", "LAYER_OF_COMPARTMENT"]
+__all__ = ["phenotype_cells", "PhenotypeResult", "Gate", "compensate"]
 
 logger = logging.getLogger(__name__)
 
-#: Layer holding each ``var['compartment']``'s raw means.
-LAYER_OF_COMPARTMENT = {"nuclear": "nucleus", "membrane": "membrane", "cytoplasm": "cytoplasm", "whole": "cell"}
+#: Fewest cells of its phenotype a ``gating.within`` marker is gated on; below it, all cells.
+WITHIN_MIN_CELLS = 50
 @dataclass(frozen=True)
 class PhenotypeResult:
     """What :func:`phenotype_cells` decided for one slide (for ``run.json``).
@@ -64,7 +69,7 @@ class PhenotypeResult:
 def compensate(cells: ad.AnnData, compensation: CompensationConfig, *, slide_id: str) -> list[str]:
     """Undo spectral spillover in place: solve ``observed = S @ true`` for every cell.
 
-    Every layer ``nucleus``, ``membrane``, ``cytoplasm``, ``cell`` is compensated on its own
+    Every compartment layer (``nucleus``, ``membrane``, ...) is compensated on its own
     (a layer's means of all markers average the same pixels, so the pixel-wise linear model
     holds for the means); ``X`` is then rebuilt from the layers by ``var['compartment']``.
     The dark offset, added after spillover, becomes ``S^-1 @ offset``: still one constant per
@@ -96,17 +101,17 @@ def compensate(cells: ad.AnnData, compensation: CompensationConfig, *, slide_id:
         return out
 
     compartments = cells.var["compartment"] if "compartment" in cells.var else None
-    needed = set() if compartments is None else {LAYER_OF_COMPARTMENT[compartments.iloc[c]] for c in cols}
+    needed = set() if compartments is None else {COMPARTMENT_LAYERS[compartments.iloc[c]] for c in cols}
     if compartments is None or not needed <= set(cells.layers):
         flags.append(f"slide {slide_id!r}: compartment layers missing; compensation applied to X "
                      "directly (approximate where markers live in different compartments)")
         cells.X = solve(np.asarray(cells.X))
         return flags
-    for name in [n for n in LAYER_OF_COMPARTMENT.values() if n in cells.layers]:
+    for name in [n for n in COMPARTMENT_LAYERS.values() if n in cells.layers]:
         cells.layers[name] = solve(np.asarray(cells.layers[name]))
     x = np.array(cells.X, copy=True)
     for c in cols:
-        x[:, c] = cells.layers[LAYER_OF_COMPARTMENT[compartments.iloc[c]]][:, c]
+        x[:, c] = cells.layers[COMPARTMENT_LAYERS[compartments.iloc[c]]][:, c]
     cells.X = x
     return flags
 
@@ -122,13 +127,20 @@ def _manual_gate(marker: str, gating: GatingConfig, slide_id: str) -> float | No
     return None
 
 
-def _gate_markers(cells, markers, gating, slide_id) -> tuple[dict[str, Gate], dict[str, np.ndarray], list[str]]:
-    """Gate every marker: automatic, then manual override, then positivity and flags."""
+def _gate_markers(cells, markers, gating, slide_id, populations: Mapping[str, tuple[str, np.ndarray]] | None = None,
+                  ) -> tuple[dict[str, Gate], dict[str, np.ndarray], list[str]]:
+    """Gate every marker: automatic, then manual override, then positivity and flags.
+
+    ``populations``: marker -> (name, (n,) bool) of the cells its automatic gate is found on.
+    """
     gates, positive, flags = {}, {}, []
     x_all = np.asarray(cells.X)
+    populations = populations or {}
     for m in markers:
         x = np.asarray(x_all[:, cells.var_names.get_loc(m)], dtype=np.float64)
-        gate = auto_gate(x, m, gating.transform)
+        name, members = populations.get(m, ("all", None))
+        gate = auto_gate(x if members is None else x[members], m, gating.transform)
+        gate = Gate(**{**asdict(gate), "population": name})
         manual = _manual_gate(m, gating, slide_id)
         if manual is not None:
             gate = Gate(**{**asdict(gate), "gate": manual, "method": "manual"})
@@ -190,6 +202,8 @@ def phenotype_cells(
     zeroing it would silently turn "unclear" into "absent", whereas a pathologist wants the
     number and the warning, and can then set a manual gate. Manual gates are never flagged.
     An empty or constant channel has no positives (method ``'none'``) and is flagged.
+    A marker of ``gating.within`` is gated after the phenotypes, on the cells of its
+    phenotype (on all cells, with a flag, where fewer than ``WITHIN_MIN_CELLS`` have it).
 
     Parameters
     ----------
@@ -240,6 +254,11 @@ def phenotype_cells(
                          f"marker(s) {sorted(needed & skip)} missing from the slide")
         rules.append(None if needed & skip else rule)
     used = {m for r in rules if r is not None for m in r.signs()}
+    in_rules = {m for r in phenotypes for m in r.signs()}
+    for m, name in gating.within.items():
+        if name not in names or m in in_rules:
+            raise ValueError(f"slide {slide_id!r}: gating.within gates {m!r} within {name!r}: it must name a "
+                             f"phenotype ({names}) and a marker that no rule uses")
     manual = set(gating.manual) | set(gating.per_slide.get(slide_id, {}))
     for m in sorted(manual - present):
         flags.append(f"slide {slide_id!r}: manual gate for {m!r} ignored: the marker is not on the slide")
@@ -260,11 +279,26 @@ def phenotype_cells(
             flags += compensate(cells, compensation, slide_id=slide_id)
             comp_params, compensated = wanted, True
 
-    gates, positive, gate_flags = _gate_markers(cells, markers, gating, slide_id)
+    first = [m for m in markers if m not in gating.within]
+    gates, positive, gate_flags = _gate_markers(cells, first, gating, slide_id)
     flags += gate_flags
+    codes = _assign_phenotypes(positive, rules, cells.n_obs)
+    populations = {}
+    for m in [m for m in markers if m in gating.within]:
+        name = gating.within[m]
+        members = codes == names.index(name)
+        if members.sum() < WITHIN_MIN_CELLS:
+            flags.append(f"slide {slide_id!r}: marker {m!r}: only {int(members.sum())} {name} cells "
+                         f"(fewer than {WITHIN_MIN_CELLS}); gated on all cells instead")
+        else:
+            populations[m] = (name, members)
+    later_gates, later_positive, later_flags = _gate_markers(
+        cells, [m for m in markers if m in gating.within], gating, slide_id, populations)
+    gates.update(later_gates)
+    positive.update(later_positive)
+    flags += later_flags
     for m in markers:
         cells.obs[f"{m}_pos"] = positive[m]
-    codes = _assign_phenotypes(positive, rules, cells.n_obs)
     categories = names + ["other"]
     cells.obs["phenotype"] = pd.Categorical.from_codes(codes, categories=categories)
     counts = {c: int(k) for c, k in zip(categories, np.bincount(codes, minlength=len(categories)))}
@@ -280,6 +314,7 @@ def phenotype_cells(
             "segmentation_markers": list(segmentation_markers),
             "manual": {m: float(g) for m, g in gating.manual.items()},
             "per_slide": {m: float(g) for m, g in gating.per_slide.get(slide_id, {}).items()},
+            "within": dict(gating.within),
             "compensation": comp_params,
         },
         "flags": list(flags),

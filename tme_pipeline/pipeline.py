@@ -203,7 +203,8 @@ def run_slide(
                 stitched.labels, cell_labels, slide.levels[0], grid=grid, pixel_um=slide.pixel_um,
                 markers=panel.channels, compartments={m: config.panel[m].compartment for m in panel.channels},
                 nuclear_channel=nuclear_channel, expand_um=config.cells.expand_um,
-                membrane_um=config.cells.membrane_um, channel_names=slide.channel_names,
+                membrane_um=config.cells.membrane_um, perinuclear_um=config.cells.perinuclear_um,
+                channel_names=slide.channel_names,
             )
         t = lap("measure", t)
 

@@ -63,7 +63,7 @@ def plot_gates(cells: ad.AnnData, path: str | os.PathLike, *, bins: int = 120) -
     """One histogram per gated marker, on the scale its gate was set on.
 
     Each panel shows the cells' transformed intensity (log-scaled counts, so a 1 % population
-    stays visible), the gate (red line), the background (grey, at 0) and, in its title, the
+    stays visible; for a marker gated within a phenotype, that phenotype's cells), the gate (red line), the background (grey, at 0) and, in its title, the
     background in raw units, the method and the quality; flagged markers have a red title.
 
     Parameters
@@ -91,6 +91,10 @@ def plot_gates(cells: ad.AnnData, path: str | os.PathLike, *, bins: int = 120) -
     for ax, marker in zip(axes, markers):
         g = gates[marker]
         t, gate, label = _transformed(cells, marker)
+        population = str(g.get("population", "all"))
+        if population != "all" and "phenotype" in cells.obs:
+            t = t[(cells.obs["phenotype"] == population).to_numpy()]
+            label = f"{label}, {population} cells"
         t = t[np.isfinite(t)]
         if t.size:
             ax.hist(t, bins=bins, color="#7f7f7f", log=True)

@@ -15,6 +15,9 @@ Compartments of a cell (pixel sets of the level-0 image):
 - ``membrane``: its cell pixels whose distance to the nearest pixel outside the
   cell (pixel centre to pixel centre) is below ``membrane_um``;
 - ``cytoplasm``: cell minus nucleus, or the membrane ring where that is empty;
+- ``perinuclear``: its cell pixels within ``perinuclear_um`` of its nucleus (the nucleus
+  included): where a lymphocyte's membrane lies, ~1 µm out, without the outer part of a
+  cell grown for larger cells, which picks up neighbours' membranes;
 - ``cell``: all its cell pixels.
 """
 
@@ -35,13 +38,14 @@ import zarr
 from .cells import _as_dask, _slices, window_box
 from .tiling import Tile, TileGrid, _Window
 
-__all__ = ["COMPARTMENT_LAYERS", "measure_cells"]
+__all__ = ["COMPARTMENT_LAYERS", "measure_cells", "perinuclear"]
 
 logger = logging.getLogger(__name__)
 
 # Panel compartment (MarkerSpec.compartment) -> the layer that X takes it from.
-COMPARTMENT_LAYERS = {"nuclear": "nucleus", "membrane": "membrane", "cytoplasm": "cytoplasm", "whole": "cell"}
-_LAYERS = ("nucleus", "membrane", "cytoplasm", "cell")
+COMPARTMENT_LAYERS = {"nuclear": "nucleus", "membrane": "membrane", "cytoplasm": "cytoplasm",
+                      "perinuclear": "perinuclear", "whole": "cell"}
+_LAYERS = ("nucleus", "membrane", "cytoplasm", "perinuclear", "cell")
 # A ring thinner than one pixel would be empty: take at least the boundary pixels.
 _MIN_RING_PX = 1.0 + 1e-6
 _MAX_STARDIST_ID = 65535  # stardist's star_dist reads labels as uint16
@@ -58,7 +62,7 @@ class _Table:
     centroid_yx: np.ndarray  # (k, 2) float64, nucleus centroid
     eccentricity: np.ndarray  # (k,)
     solidity: np.ndarray  # (k,)
-    means: np.ndarray  # (4, k, C) float64, compartments in _LAYERS order
+    means: np.ndarray  # (5, k, C) float64, compartments in _LAYERS order
     centre_yx: np.ndarray  # (k, 2) int64, pixel the rays start from
     ray_dist: np.ndarray  # (k, n_rays) float32, px
 
@@ -75,7 +79,7 @@ class _Table:
     @classmethod
     def empty(cls, n_channels: int, n_rays: int) -> _Table:
         z = np.zeros(0)
-        return cls(z.astype(np.int64), z, z, np.zeros((0, 2)), z, z, np.zeros((4, 0, n_channels)),
+        return cls(z.astype(np.int64), z, z, np.zeros((0, 2)), z, z, np.zeros((len(_LAYERS), 0, n_channels)),
                    np.zeros((0, 2), np.int64), np.zeros((0, n_rays), np.float32))
 
 
@@ -91,6 +95,7 @@ def measure_cells(
     nuclear_channel: int,
     expand_um: float,
     membrane_um: float,
+    perinuclear_um: float = 2.0,
     channel_names: Sequence[str] | None = None,
     n_rays: int = 32,
 ) -> ad.AnnData:
@@ -110,7 +115,7 @@ def measure_cells(
     markers : mapping of str to int
         Marker -> channel index; its order is the order of ``var``.
     compartments : mapping of str to str
-        Marker -> ``nuclear``, ``membrane``, ``cytoplasm`` or ``whole``: which
+        Marker -> ``nuclear``, ``membrane``, ``cytoplasm``, ``perinuclear`` or ``whole``: which
         compartment's mean ``X`` holds (``MarkerSpec.compartment``).
     nuclear_channel : int
         Channel the nuclei were segmented on; its nucleus mean is ``dapi_mean``.
@@ -119,6 +124,8 @@ def measure_cells(
         widens the windows and is recorded in ``uns['cells']``.
     membrane_um : float
         Width of the membrane ring, µm; below one pixel, one pixel.
+    perinuclear_um : float
+        Reach of the perinuclear compartment beyond the nucleus, µm (0: the nucleus).
     channel_names : sequence of str, optional
         The slide's channel names for ``var['channel']``; ``C<index>`` without.
     n_rays : int, optional
@@ -134,14 +141,14 @@ def measure_cells(
         :func:`skimage.measure.regionprops`), ``dapi_mean``. ``var`` (index:
         markers): ``compartment``, ``channel``. ``X`` (float32, n × markers):
         each marker's mean in its compartment. ``layers`` ``nucleus``,
-        ``membrane``, ``cytoplasm``, ``cell`` (float32, n × markers): the mean in
+        ``membrane``, ``cytoplasm``, ``perinuclear``, ``cell`` (float32, n × markers): the mean in
         each. ``obsm['spatial']``: (n, 2) float64 centroids ``x, y`` µm.
         ``obsm['nucleus_polygon_um']``: (n, n_rays, 2) float32 vertices ``x, y``
         µm, the star-convex polygon of the nucleus (stardist's ``star_dist``
         from the centroid pixel, or the nucleus pixel nearest to the centroid
         when that pixel is outside; ray k at angle 2πk/n_rays, row offset
         ``d·sin``, column offset ``d·cos``). ``uns``: ``spatial_unit = 'um'``,
-        ``pixel_um``, ``cells = {expand_um, membrane_um, n_rays}``.
+        ``pixel_um``, ``cells = {expand_um, membrane_um, perinuclear_um, n_rays}``.
 
     Raises
     ------
@@ -155,6 +162,7 @@ def measure_cells(
     pixels = image[chans]
     membrane_px = max(membrane_um / pixel_um, _MIN_RING_PX)
     guard = math.ceil(membrane_px)
+    peri_px = perinuclear_um / pixel_um
     margin = grid.overlap_px + math.ceil(expand_um / pixel_um) + guard + 1
     tasks = []
     for tile in grid.tiles:
@@ -162,7 +170,7 @@ def measure_cells(
         sl = _slices(box)
         tasks.append(dask.delayed(_measure_tile, pure=False)(
             _Window(nuclei[sl]), _Window(cells[sl]), _Window(pixels[(slice(None), *sl)]),
-            tile, box, grid.shape_yx, membrane_px, guard, n_rays,
+            tile, box, grid.shape_yx, membrane_px, peri_px, guard, n_rays,
         ))
     tables = [t for t in dask.compute(*tasks) if t.ids.size]
     table = _Table.concat(tables) if tables else _Table.empty(len(chans), n_rays)
@@ -171,7 +179,12 @@ def measure_cells(
         raise ValueError("a cell was measured by two tiles: is a nucleus larger than the tile overlap?")
     logger.info("measured %d cells", table.ids.size)
     return _anndata(table, chans, markers, compartments, nuclear_channel, channel_names, pixel_um,
-                    {"expand_um": float(expand_um), "membrane_um": float(membrane_um), "n_rays": int(n_rays)})
+                    _params(expand_um, membrane_um, perinuclear_um, n_rays))
+
+
+def _params(expand_um, membrane_um, perinuclear_um, n_rays) -> dict:
+    return {"expand_um": float(expand_um), "membrane_um": float(membrane_um),
+            "perinuclear_um": float(perinuclear_um), "n_rays": int(n_rays)}
 
 
 def _check(image, shape_yx, markers, compartments, nuclear_channel, pixel_um, n_rays) -> list[int]:
@@ -190,7 +203,7 @@ def _check(image, shape_yx, markers, compartments, nuclear_channel, pixel_um, n_
 
 
 def _measure_tile(nuc_w: _Window, cell_w: _Window, img_w: _Window, tile: Tile, box, shape_yx,
-                  membrane_px: float, guard: int, n_rays: int) -> _Table:
+                  membrane_px: float, peri_px: float, guard: int, n_rays: int) -> _Table:
     nuc, cell, img = nuc_w.read(), cell_w.read(), img_w.read()
     ny, nx = shape_yx
     ids, inverse, count = np.unique(nuc.ravel(), return_inverse=True, return_counts=True)
@@ -213,7 +226,8 @@ def _measure_tile(nuc_w: _Window, cell_w: _Window, img_w: _Window, tile: Tile, b
     lo = (guard if box[0] > 0 else 0, guard if box[1] > 0 else 0)
     hi = (h - guard if box[2] < ny else h, w - guard if box[3] < nx else w)
     _check_inside(nuc_local, cell_local, owned, lo, hi, tile)
-    table = _measure_local(nuc_local, cell_local, cell, nuc != cell, img, owned, membrane_px, n_rays)
+    peri_local = np.where(perinuclear(nuc, peri_px) == cell, cell_local, 0)
+    table = _measure_local(nuc_local, cell_local, cell, nuc != cell, peri_local, img, owned, membrane_px, n_rays)
     table.centroid_yx = np.stack([cy[own], cx[own]], axis=1)
     table.centre_yx += np.asarray(box[:2], np.int64)
     return table
@@ -241,13 +255,25 @@ def _check_inside(nuc_local, cell_local, owned, lo, hi, tile: Tile) -> None:
                 )
 
 
-def _measure_local(nuc_local, cell_local, cell, not_nucleus, img, owned, membrane_px, n_rays) -> _Table:
+def perinuclear(nuclei: np.ndarray, distance_px: float) -> np.ndarray:
+    """Nuclei grown by ``distance_px`` (as ``expand_labels``); (h, w) int, 0 background.
+
+    Where it equals the cell label, a pixel is that cell's perinuclear compartment:
+    a cell never extends past the nucleus nearest to its pixels.
+    """
+    from skimage.segmentation import expand_labels
+
+    return expand_labels(nuclei, distance=distance_px) if distance_px > 0 else nuclei
+
+
+def _measure_local(nuc_local, cell_local, cell, not_nucleus, peri_local, img, owned, membrane_px,
+                   n_rays) -> _Table:
     """Measure owned objects 1..k of a window (fast path, vectorised over cells)."""
     k = owned.size
     ring_local = np.where(_ring(cell, membrane_px), cell_local, 0)
     cyto_local = np.where(not_nucleus, cell_local, 0)
     counts, means = [], []
-    for lab in (nuc_local, ring_local, cyto_local, cell_local):
+    for lab in (nuc_local, ring_local, cyto_local, peri_local, cell_local):
         flat = lab.ravel()
         sel = np.flatnonzero(flat)
         n = np.bincount(flat[sel], minlength=k + 1)[1:].astype(np.float64)
@@ -260,7 +286,7 @@ def _measure_local(nuc_local, cell_local, cell, not_nucleus, img, owned, membran
     means[2][empty] = means[1][empty]  # no cytoplasm: the membrane ring
     ecc = _eccentricity(nuc_local, k)
     solidity, centre, dist = _nucleus_shapes(nuc_local, k, n_rays)
-    return _Table(owned, counts[0], counts[3], np.zeros((k, 2)), ecc, solidity, np.stack(means), centre, dist)
+    return _Table(owned, counts[0], counts[4], np.zeros((k, 2)), ecc, solidity, np.stack(means), centre, dist)
 
 
 def _ring(labels: np.ndarray, membrane_px: float) -> np.ndarray:

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import anndata as ad
 import numpy as np
 
-from .quantify import _MAX_STARDIST_ID, _MIN_RING_PX, _anndata, _check, _Table
+from .quantify import _LAYERS, _MAX_STARDIST_ID, _MIN_RING_PX, _anndata, _check, _params, _Table, perinuclear
 
 __all__ = ["measure_cells_reference"]
 
@@ -28,6 +28,7 @@ def measure_cells_reference(
     nuclear_channel: int,
     expand_um: float,
     membrane_um: float,
+    perinuclear_um: float = 2.0,
     channel_names: Sequence[str] | None = None,
     n_rays: int = 32,
 ) -> ad.AnnData:
@@ -59,7 +60,8 @@ def measure_cells_reference(
     table.centroid_yx = np.array([p.centroid for p in props], np.float64).reshape(k, 2)
     table.eccentricity = np.array([p.eccentricity for p in props], np.float64)
     table.solidity = np.array([p.solidity for p in props], np.float64)
-    table.means = np.zeros((4, k, len(chans)))
+    table.means = np.zeros((len(_LAYERS), k, len(chans)))
+    peri = perinuclear(nuclei, perinuclear_um / pixel_um)
     centre = np.zeros((k, 2), np.int64)
     for i, p in enumerate(props):
         y0, x0, y1, x1 = cell_props[p.label].bbox
@@ -69,10 +71,11 @@ def measure_cells_reference(
         cyto = inside & (nuclei[sl] != p.label)
         table.means[:, i] = [p.intensity_mean, pixels[sl][ring].mean(axis=0),
                              pixels[sl][cyto if cyto.any() else ring].mean(axis=0),
+                             pixels[sl][inside & (peri[sl] == p.label)].mean(axis=0),
                              cell_props[p.label].intensity_mean]
         centre[i] = np.floor(np.asarray(p.centroid) + 0.5)
         if nuclei[centre[i, 0], centre[i, 1]] != p.label:
             centre[i] = p.coords[np.argmin(((p.coords - p.centroid) ** 2).sum(axis=1))]
     table.centre_yx, table.ray_dist = centre, dist[centre[:, 0], centre[:, 1]]
     return _anndata(table, chans, markers, compartments, nuclear_channel, channel_names, pixel_um,
-                    {"expand_um": float(expand_um), "membrane_um": float(membrane_um), "n_rays": int(n_rays)})
+                    _params(expand_um, membrane_um, perinuclear_um, n_rays))
