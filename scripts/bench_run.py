@@ -2,7 +2,10 @@
 
 Usage::
 
-    python scripts/bench_run.py --sizes 2x2 6x6 --out bench_run.json [--workdir DIR]
+    python scripts/bench_run.py --sizes 2x2 6x6 --out bench_run.json [--workdir DIR] [--config FILE]
+
+The default configuration (StarDist) unless ``--config`` gives another (e.g. one with
+``segmentation: {method: classic}``).
 
 Each slide is written by the synthetic generator first (not timed), then one
 `tme run` per slide runs in its own process, whose peak RSS is read from the kernel
@@ -44,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--config", type=Path, default=None, help="YAML passed to `tme run --config`")
     args = parser.parse_args(argv)
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tme-bench-"))
@@ -57,8 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         if not slide.exists():
             synth_slide(slide, size_mm=(width, height), seed=args.seed)
         (folder / "manifest.csv").write_text(f"patient_id,timepoint,slide\nP,pre,{slide.name}\n")
-        run = measure([tme, "run", str(folder / "manifest.csv"), "--out", str(folder / "out"), "--overwrite"])
-        record = json.loads((folder / "out" / "run.json").read_text())["slides"][0]
+        cmd = [tme, "run", str(folder / "manifest.csv"), "--out", str(folder / "out"), "--overwrite"]
+        run = measure(cmd + (["--config", str(args.config)] if args.config else []))
+        run_json = json.loads((folder / "out" / "run.json").read_text())
+        record = run_json["slides"][0]
+        method = run_json["config"]["segmentation"]["method"]
         area_mm2 = width * height
         results.append(
             {
@@ -74,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(json.dumps(results[-1]), flush=True)
     report = {
-        "benchmark": "tme run (classic segmenter, threads scheduler)",
+        "benchmark": f"tme run ({method} segmenter, threads scheduler)",
+        "config": str(args.config or "default"),
         "machine": {
             "cpu_count": psutil.cpu_count(),
             "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),

@@ -10,7 +10,11 @@ it, so that the image border is seen as in a whole-image pass.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import logging
 import math
+import sys
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
@@ -22,7 +26,9 @@ if TYPE_CHECKING:
 
     from .weights import StarDistModel
 
-__all__ = ["InferenceSettings", "cpu_has_native_bf16", "inference_settings", "run_net"]
+__all__ = ["InferenceSettings", "cpu_has_native_bf16", "inference_settings", "keep_freed_host_memory", "run_net"]
+
+logger = logging.getLogger(__name__)
 
 # Patch core size when none is given, px: large enough that the context
 # (receptive field, 128 px a side) costs little, small enough that a patch's
@@ -100,6 +106,41 @@ def inference_settings(device: str | None = None, *, precision: str | None = Non
                              non_blocking=cuda)
 
 
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+#: Freed memory glibc may keep at the top of its heap for reuse, bytes (mallopt takes an int).
+KEPT_FREE_BYTES = 2**31 - 1
+
+
+@functools.cache
+def keep_freed_host_memory() -> bool:
+    """Let glibc reuse freed activation memory instead of returning it to the kernel.
+
+    glibc serves every block over 32 MB with a fresh ``mmap`` and unmaps it on free, so
+    each forward pass on CPU faults in all of its activations again, a page at a time
+    (a 2304² patch: 1.2 M page faults, a third of the pass's CPU time spent in the kernel).
+    This sets ``M_MMAP_MAX = 0`` (large blocks come from the heap) and
+    ``M_TRIM_THRESHOLD`` to :data:`KEPT_FREE_BYTES` (up to 2 GiB of freed memory stays
+    mapped for the next pass). It acts on the whole process, once, and only under glibc;
+    the cost is that the process keeps its peak memory until it exits.
+
+    Returns
+    -------
+    bool
+        Whether glibc took both settings (False on other platforms or C libraries).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, KEPT_FREE_BYTES) == 1
+    logger.debug("glibc keeps freed host memory for reuse: %s", ok)
+    return ok
+
+
 # Moving a module (device, memory format) replaces its parameters' storage in place; a
 # thread already running the same module then reads freed memory, and a half-converted
 # module can keep corrupted weights for the rest of the process (seen under Dask's threaded
@@ -143,8 +184,9 @@ def run_net(
     settings : InferenceSettings
     tile_px : int, optional
         Patch core size, px; default 2048. Rounded down to a multiple of
-        ``div_by``. Windows are core + receptive field on each side, all of
-        one shape (clamped inside the image), so that they batch.
+        ``div_by``. Windows are core + receptive field on each side: clamped
+        to the image on their own, all of one shape (shifted inside the image)
+        when batched, so that they stack.
     batch_size : int, optional
         Windows per forward pass; default 4 on CUDA, 1 on CPU.
 
@@ -170,20 +212,33 @@ def run_net(
     # result (float rounding aside), so the patch size is a speed knob only.
     ctx = [math.ceil(cfg.receptive_radius_px / d) * d for d in div]
     size = [n if n <= c + 2 * m else c + 2 * m for n, c, m in zip(xp.shape, core, ctx)]
-    # (window start, core start, core stop) per axis, input px.
+    # Batched windows share one shape (core + both contexts, clamped inside the image); a
+    # window of its own takes only the context it needs, none beyond the image border,
+    # which saves 11 % of the net's work on a 4096² image in 2048-px patches.
+    uniform = batch_size > 1
+    # (window start, window stop, core start, core stop) per axis, input px.
     axes = []
     for n, c, m, s in zip(xp.shape, core, ctx, size):
-        axes.append([(min(max(c0 - m, 0), n - s), c0, min(c0 + c, n)) for c0 in range(0, n, c)] if s < n
-                    else [(0, 0, n)])
+        if s >= n:
+            axes.append([(0, n, 0, n)])
+            continue
+        spans = []
+        for c0 in range(0, n, c):
+            c1 = min(c0 + c, n)
+            w0 = min(max(c0 - m, 0), n - s) if uniform else max(c0 - m, 0)
+            spans.append((w0, w0 + s if uniform else min(c1 + m, n), c0, c1))
+        axes.append(spans)
     windows = [(wy, wx) for wy in axes[0] for wx in axes[1]]
 
     net = _prepare(model.net, settings)
+    if dev_type == "cpu":
+        keep_freed_host_memory()
     autocast = (torch.autocast(dev_type, dtype=getattr(torch, settings.autocast_dtype))
                 if settings.autocast_dtype else contextlib.nullcontext())
     with torch.inference_mode(), autocast:
         for b0 in range(0, len(windows), batch_size):
             batch = windows[b0:b0 + batch_size]
-            host = torch.from_numpy(np.stack([xp[wy[0]:wy[0] + size[0], wx[0]:wx[0] + size[1]] for wy, wx in batch]))
+            host = torch.from_numpy(np.stack([xp[wy[0]:wy[1], wx[0]:wx[1]] for wy, wx in batch]))
             host = host[:, None]
             if settings.pin_memory:
                 host = host.pin_memory()
@@ -192,6 +247,6 @@ def run_net(
                 t = t.contiguous(memory_format=torch.channels_last)
             prob, dist = net(t)
             for k, (wy, wx) in enumerate(batch):
-                sl = [slice((c0 - w0) // g, (c1 - w0) // g) for (w0, c0, c1), g in zip((wy, wx), grid)]
-                yield ((wy[1] // grid[0], wx[1] // grid[1]),
+                sl = [slice((c0 - w0) // g, (c1 - w0) // g) for (w0, _, c0, c1), g in zip((wy, wx), grid)]
+                yield ((wy[2] // grid[0], wx[2] // grid[1]),
                        prob[k, 0, sl[0], sl[1]].float(), dist[k, :, sl[0], sl[1]].float())
