@@ -12,7 +12,10 @@ def cells():
     types, truth = cell_types(2000, seed=21)
     cells, _ = make_cells(truth, seed=21)
     cells.X[:, list(cells.var_names).index("CD21")] = 0.0  # a 'none' gate must plot too
-    phenotype_cells(cells, gating=GatingConfig(), phenotypes=load_config().phenotypes, slide_id="S")
+    # PD-L1 gated within tumour cells, as by default: its panel shows those cells
+    phenotype_cells(cells, gating=GatingConfig(within={"PD-L1": "tumor"}), phenotypes=load_config().phenotypes,
+                    slide_id="S")
+    assert cells.uns["gates"]["PD-L1"]["population"] == "tumor"
     return cells
 
 

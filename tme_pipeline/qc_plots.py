@@ -92,9 +92,14 @@ def plot_gates(cells: ad.AnnData, path: str | os.PathLike, *, bins: int = 120) -
         g = gates[marker]
         t, gate, label = _transformed(cells, marker)
         population = str(g.get("population", "all"))
+        share = f"{100 * float(g['positive_fraction']):.1f}% positive"
         if population != "all" and "phenotype" in cells.obs:
-            t = t[(cells.obs["phenotype"] == population).to_numpy()]
+            members = (cells.obs["phenotype"] == population).to_numpy()
+            t = t[members]
             label = f"{label}, {population} cells"
+            if members.any() and np.isfinite(gate):
+                share = (f"{100 * float(np.mean(t > gate)):.1f}% of {population} cells positive "
+                         f"({100 * float(g['positive_fraction']):.1f}% of all cells)")
         t = t[np.isfinite(t)]
         if t.size:
             ax.hist(t, bins=bins, color="#7f7f7f", log=True)
@@ -102,8 +107,7 @@ def plot_gates(cells: ad.AnnData, path: str | os.PathLike, *, bins: int = 120) -
             ax.axvline(0.0, color="#bbbbbb", linestyle="--", linewidth=1)
         if np.isfinite(gate):
             ax.axvline(gate, color=GATE_COLOR, linewidth=2)
-        title = (f"{marker}: bg {float(g['background']):.0f}, {g['method']}, q {float(g['quality']):.2f}\n"
-                 f"{100 * float(g['positive_fraction']):.1f}% positive")
+        title = f"{marker}: bg {float(g['background']):.0f}, {g['method']}, q {float(g['quality']):.2f}\n{share}"
         ax.set_title(title, fontsize=9, color=GATE_COLOR if bool(g["flagged"]) else "black")
         ax.set_xlabel(label, fontsize=8)
         ax.tick_params(labelsize=7)
