@@ -63,8 +63,10 @@ def plot_gates(cells: ad.AnnData, path: str | os.PathLike, *, bins: int = 120) -
     """One histogram per gated marker, on the scale its gate was set on.
 
     Each panel shows the cells' transformed intensity (log-scaled counts, so a 1 % population
-    stays visible; for a marker gated within a phenotype, that phenotype's cells), the gate (red line), the background (grey, at 0) and, in its title, the
-    background in raw units, the method and the quality; flagged markers have a red title.
+    stays visible), the gate (red line), the background (grey, at 0) and, in its title, the
+    background in raw units, the method, the quality and the positive share; flagged
+    markers have a red title. A marker gated within a phenotype (``gating.within``) shows
+    that phenotype's cells and their positive share.
 
     Parameters
     ----------
