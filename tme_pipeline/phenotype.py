@@ -279,12 +279,12 @@ def phenotype_cells(
             flags += compensate(cells, compensation, slide_id=slide_id)
             comp_params, compensated = wanted, True
 
-    first = [m for m in markers if m not in gating.within]
-    gates, positive, gate_flags = _gate_markers(cells, first, gating, slide_id)
+    later = [m for m in markers if m in gating.within]
+    gates, positive, gate_flags = _gate_markers(cells, [m for m in markers if m not in later], gating, slide_id)
     flags += gate_flags
     codes = _assign_phenotypes(positive, rules, cells.n_obs)
     populations = {}
-    for m in [m for m in markers if m in gating.within]:
+    for m in later:
         name = gating.within[m]
         members = codes == names.index(name)
         if members.sum() < WITHIN_MIN_CELLS:
@@ -292,8 +292,7 @@ def phenotype_cells(
                          f"(fewer than {WITHIN_MIN_CELLS}); gated on all cells instead")
         else:
             populations[m] = (name, members)
-    later_gates, later_positive, later_flags = _gate_markers(
-        cells, [m for m in markers if m in gating.within], gating, slide_id, populations)
+    later_gates, later_positive, later_flags = _gate_markers(cells, later, gating, slide_id, populations)
     gates.update(later_gates)
     positive.update(later_positive)
     flags += later_flags
