@@ -13,7 +13,7 @@ def test_default_config_is_the_promis_panel():
     assert config.timepoints == ("pre", "post")
     assert config.segmentation.method == "stardist"
     assert config.panel["CD8"].compartment == "perinuclear" and config.panel["PD-L1"].compartment == "membrane"
-    assert config.cells.perinuclear_um == 2.0 and config.gating.within == {"PD-L1": "tumor"}
+    assert config.cells.perinuclear_um == 1.0 and config.gating.within == {"PD-L1": "tumor"}
     assert config.segmentation.stardist.model == "stardist_fluo_synth"
 
 

@@ -4,8 +4,9 @@ import pytest
 from phenotype_fixtures import MARKERS, cell_types, make_cells
 
 from tme_pipeline.config import CompensationConfig, GatingConfig, load_config
+from tme_pipeline import autogate
 from tme_pipeline.autogate import estimate_background, fit_two_gaussians
-from tme_pipeline.phenotype import phenotype_cells
+from tme_pipeline.phenotype import phenotype_cells, weak_gate
 
 RULES = load_config().phenotypes
 
@@ -169,6 +170,24 @@ def test_negative_shoulder_does_not_swallow_the_gate():
     assert _f1(cells.obs["CD8_pos"].to_numpy(), truth["CD8"]) >= 0.9
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_sparse_dim_positives_in_a_wide_gap_are_gated_with_the_positives(seed, monkeypatch):
+    # A few dim positives (0.4 % of cells) spread thinly between the negatives' tail and the
+    # bright mode: the density's lowest point may lie between dim and bright positives, but
+    # the gate belongs at the start of the gap, where the negatives end.
+    rng = np.random.default_rng(seed)
+    neg = 200 + 10 * rng.standard_normal(8000) + rng.exponential(60, 8000)
+    dim = rng.uniform(600, 1300, 40)
+    bright = 3000 * rng.lognormal(0, 0.2, 1200)
+    x = np.concatenate([neg, dim, bright])
+    gate = autogate.auto_gate(x, "SATB2", "arcsinh")
+    assert gate.method == "valley"
+    assert (dim > gate.gate).mean() >= 0.8 and (bright > gate.gate).all()
+    assert (neg > gate.gate).mean() < 0.002
+    monkeypatch.setattr(autogate, "VALLEY_FLOOR", 0.0)  # the bottom of the dip alone
+    assert (dim > autogate.auto_gate(x, "SATB2", "arcsinh").gate).mean() < 0.5
+
+
 def test_compensation_is_not_applied_twice():
     types, truth = cell_types(2000, seed=11)
     spill = _spill()
@@ -200,6 +219,42 @@ def test_rules_in_precedence_order_and_categories():
     assert "DAPI" not in result.gates and "DAPI_pos" not in cells.obs
     assert {"CD21", "PD-L1"} <= set(result.gates) and cells.obs["PD-L1_pos"].dtype == bool
     assert sum(result.counts.values()) == cells.n_obs
+
+
+def test_co_expression_rule_tolerates_one_weak_marker():
+    """CD8_T = CD3+ CD8+: one marker may sit between its weak gate and its gate, not both."""
+    types, truth = cell_types(4000, seed=15)
+    cells, _ = make_cells(truth, seed=15)
+    gating = GatingConfig(weak_fraction=0.6)
+    result = phenotype_cells(cells, gating=gating, phenotypes=RULES, slide_id="S")
+    x = {m: cells.X[:, list(cells.var_names).index(m)].astype(float) for m in ("CD3", "CD8", "FOXP3")}
+    full = {m: x[m] > result.gates[m].gate for m in x}
+    weak = {m: x[m] > weak_gate(result.gates[m], 0.6) for m in x}
+    g = result.gates["CD3"]
+    assert g.background < weak_gate(g, 0.6) < g.gate
+    np.testing.assert_allclose(weak_gate(g, 0.6), g.background + 0.6 * (g.gate - g.background))
+    expected = (full["CD3"] & weak["CD8"]) | (weak["CD3"] & full["CD8"])
+    phen = cells.obs["phenotype"].to_numpy()
+    np.testing.assert_array_equal(phen == "CD8_T", expected)
+    # both markers only weak: not CD8_T; faint CD3 alone does not make a CD4 T cell either
+    both_weak = weak["CD3"] & ~full["CD3"] & weak["CD8"] & ~full["CD8"]
+    assert not (phen[both_weak] == "CD8_T").any()
+    assert (phen[~full["CD3"]] != "CD4_T").all()
+    # dim CD3 or CD8 (12 % of positives each) no longer loses a CD8 T cell; precision holds
+    t8 = types == "cd8_t"
+    strict = phenotype_cells(cells.copy(), gating=GatingConfig(weak_fraction=1.0), phenotypes=RULES, slide_id="S")
+    assert strict.counts["CD8_T"] < result.counts["CD8_T"]
+    recall = (phen[t8] == "CD8_T").mean()
+    assert recall > 0.95 and (t8[phen == "CD8_T"]).mean() > 0.97
+    assert cells.uns["phenotyping"]["params"]["weak_fraction"] == 0.6
+
+
+def test_weak_fraction_one_is_the_plain_conjunction():
+    types, truth = cell_types(3000, seed=16)
+    cells, _ = make_cells(truth, seed=16)
+    phenotype_cells(cells, gating=GatingConfig(weak_fraction=1.0), phenotypes=RULES, slide_id="S")
+    obs = cells.obs
+    np.testing.assert_array_equal(obs["phenotype"] == "CD8_T", obs["CD3_pos"] & obs["CD8_pos"])
 
 
 def test_missing_optional_marker_skips_its_rule_with_a_flag():

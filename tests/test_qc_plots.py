@@ -43,6 +43,8 @@ def test_plot_cd3_cd8_writes_a_png(cells, tmp_path):
     red = (rgb[..., 0] > 0.75) & (rgb[..., 1] < 0.3) & (rgb[..., 2] < 0.3)
     assert red.mean(axis=0).max() > 0.3  # the dashed CD3 gate: a red column (phenotypes avoid red)
     assert red.mean(axis=1).max() > 0.3  # the CD8 gate: a red row
+    for profile in (red.mean(axis=0), red.mean(axis=1)):  # the dotted weak gates, fainter
+        assert ((profile > 0.1) & (profile < 0.3)).any()
 
 
 def test_plots_refuse_cells_without_gates(tmp_path):

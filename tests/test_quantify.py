@@ -69,14 +69,16 @@ def test_hand_computed_two_cells(tile_um):
     # cell 3: 48 px = 28 frame px (29) + 20 px (1); cell 9: none, so the ring
     np.testing.assert_allclose(adata.layers["cytoplasm"], [[0, 832 / 48], [50, 1]])
     np.testing.assert_allclose(adata.layers["cell"], [[25, 848 / 64], [50, 2]])
-    # perinuclear, 1 µm = 2 px: cell pixels at most 2 px (centre to centre) from the nucleus,
-    # counted here by brute force over the nucleus pixels
-    yy, xx = np.nonzero(cells == 3)
+    # perinuclear band, 1 µm = 2 px: cell pixels outside the nucleus at most 2 px (centre to
+    # centre) from it, counted here by brute force over the nucleus pixels; cell 9 has no
+    # band (its cell is its nucleus), so the membrane ring
+    yy, xx = np.nonzero((cells == 3) & (nuclei != 3))
     ny, nx = np.nonzero(nuclei == 3)
     near = np.min(np.hypot(yy[:, None] - ny, xx[:, None] - nx), axis=1) <= 2
     peri = image[:, yy[near], xx[near]].mean(axis=1)
-    assert near.sum() == 16 + 4 * 4 * 2 + 4  # nucleus, 2 px on each side, one diagonal px per corner
-    np.testing.assert_allclose(adata.layers["perinuclear"], [peri, [50, 2]], rtol=1e-6)
+    assert near.sum() == 4 * 4 * 2 + 4  # 2 px on each side, one diagonal px per corner
+    np.testing.assert_allclose(peri, [0, (16 * 29 + 20) / 36])  # 4 px of each straight side lie on the frame
+    np.testing.assert_allclose(adata.layers["perinuclear"], [peri, [50, 1]], rtol=1e-6)
     np.testing.assert_allclose(adata.X, [[100, 29], [50, 1]])
     assert adata.X.dtype == np.float32 and adata.layers["cell"].dtype == np.float32
     obs = adata.obs
@@ -176,7 +178,7 @@ def test_round_trip_through_h5ad(blobs_region, tmp_path):
     back = ad.read_h5ad(tmp_path / "cells.h5ad")
     _assert_same(back, adata)
     assert back.obsm["nucleus_polygon_um"].shape == (adata.n_obs, 32, 2)
-    assert back.uns["cells"] == {"expand_um": 3.0, "membrane_um": 1.5, "perinuclear_um": 2.0, "n_rays": 32}
+    assert back.uns["cells"] == {"expand_um": 3.0, "membrane_um": 1.5, "perinuclear_um": 1.0, "n_rays": 32}
     assert back.obs["cell_id"].dtype == np.int64
 
 

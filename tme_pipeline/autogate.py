@@ -6,7 +6,7 @@ of :data:`COFACTOR_SD` noise sd, where a two-component Gaussian mixture (EM in n
 deterministic, :func:`fit_two_gaussians`) is fitted. A mixture is accepted when its
 components are separated populations (Ashman's D >= 2 and disjoint central 95 %).
 When the smoothed histogram shows a second mode above the negatives with a dip before it,
-the gate is the bottom of that dip (:func:`_valley_gate`), tried first: positives whose dim
+the gate is the start of that dip's floor (:func:`_valley_gate`), tried first: positives whose dim
 members stretch them towards the negatives, and negatives with a long right tail, are no
 pair of Gaussians. Otherwise the mixture; otherwise the gate falls back to the background
 plus :data:`FALLBACK_SD` times the negatives' spread.
@@ -43,6 +43,9 @@ VALLEY_SMOOTH_T = 0.12
 VALLEY_MAX_DEPTH = 0.7
 #: The mode above the valley must hold at least this many cells.
 VALLEY_MIN_CELLS = 20
+#: The gate is the left end of the valley's floor: the bins next to its bottom whose density
+#: exceeds the bottom by less than this fraction of the mode's height above it.
+VALLEY_FLOOR = 0.025
 
 
 @dataclass(frozen=True)
@@ -267,12 +270,17 @@ def _histogram(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _valley_gate(t: np.ndarray, t_3sd: float) -> tuple[float, float]:
-    """Bottom of the deepest dip between the negative peak and a mode above ``t_3sd``.
+    """Left end of the floor of the deepest dip between the negative peak and a mode above ``t_3sd``.
+
+    Where a few cells are spread thinly over a wide gap (dim positives, below the mode of the
+    bright ones), the bottom of the dip can lie anywhere along the gap, even between the dim
+    and the bright positives; the negatives' tail falls steeply, so the gate is put where
+    it meets the floor (:data:`VALLEY_FLOOR`), the start of the gap.
 
     Returns
     -------
     gate_t : float
-        The valley (transformed units), NaN when there is none.
+        The gate (transformed units), NaN when there is none.
     depth : float
         ``1 - density(valley) / density(mode)`` in [0, 1]: 1 is an empty gap.
     """
@@ -289,7 +297,7 @@ def _valley_gate(t: np.ndarray, t_3sd: float) -> tuple[float, float]:
     # negative peak (t = 0) and it.
     peaks = above[1:-1][(density[above[1:-1]] >= density[above[:-2]]) & (density[above[1:-1]] > density[above[2:]])]
     zero = int(np.clip(np.searchsorted(centres, 0.0), 0, counts.size - 1))
-    best = (float("nan"), 0.0)
+    best = (-1, -1, 0.0)  # valley bin, peak bin, depth
     for peak in peaks[np.argsort(density[peaks])[::-1]]:
         between = np.arange(zero, peak)
         if between.size == 0:
@@ -297,9 +305,15 @@ def _valley_gate(t: np.ndarray, t_3sd: float) -> tuple[float, float]:
         valley = between[np.argmin(density[between])]
         depth = 1.0 - density[valley] / density[peak]
         if depth >= 1.0 - VALLEY_MAX_DEPTH and counts[valley:].sum() >= VALLEY_MIN_CELLS \
-                and centres[valley] > 0.0 and depth > best[1]:
-            best = (float(centres[valley]), float(depth))
-    return best
+                and centres[valley] > 0.0 and depth > best[2]:
+            best = (int(valley), int(peak), float(depth))
+    valley, peak, depth = best
+    if valley < 0:
+        return float("nan"), 0.0
+    floor = density[valley] + VALLEY_FLOOR * (density[peak] - density[valley])
+    while valley - 1 > zero and density[valley - 1] <= floor:
+        valley -= 1
+    return float(centres[valley]), depth
 
 
 def _otsu_init(centres: np.ndarray, counts: np.ndarray) -> tuple:

@@ -92,7 +92,7 @@ class CellsConfig(_Strict):
     expand_um: float = Field(3.0, ge=0, description="growth of each nucleus into its cell; cells never overlap")
     membrane_um: float = Field(1.5, gt=0, description="width of the membrane ring: the outer part of each cell")
     perinuclear_um: float = Field(
-        2.0, ge=0, description="reach of the perinuclear compartment around the nucleus (within the cell)"
+        1.0, gt=0, description="width of the perinuclear band: cell pixels outside the nucleus and this close to it"
     )
 
 
@@ -110,6 +110,12 @@ class GatingConfig(_Strict):
     manual: dict[str, float] = Field(default_factory=dict, description="marker -> gate, every slide")
     per_slide: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="slide_id -> marker -> gate; overrides `manual` for that slide"
+    )
+    weak_fraction: float = Field(
+        0.6, gt=0, le=1,
+        description="in a rule with two or more '+' markers, one of them may lie between its weak gate "
+        "(background + weak_fraction x (gate - background)) and its gate when the others pass theirs: "
+        "co-expression is evidence, as for a crisp CD8+ cell with faint CD3; 1 turns this off",
     )
     within: dict[str, str] = Field(
         default_factory=dict,

@@ -9,7 +9,9 @@ One slide at a time, in place on its cell table:
    cells right of the negative peak), else the background plus 5 times the negatives'
    right-hand spread (:mod:`tme_pipeline.autogate`);
 4. manual gates override it (``gating.per_slide`` over ``gating.manual``);
-5. ``obs['phenotype']``: the first rule that holds, else ``other``;
+5. ``obs['phenotype']``: the first rule that holds, else ``other``; in a rule with several
+   ``+`` markers, one may pass only its weak gate (``gating.weak_fraction`` of the way from
+   the background to the gate) when the others pass theirs;
 6. markers of ``gating.within`` (in no rule) are gated last, on the cells of their phenotype
    only: PD-L1 on tumour cells, whose own background and positive fraction (~30 %) give a
    clear gate where all cells (~4 % positive, most of them lymphocytes) give a vague one;
@@ -33,7 +35,7 @@ from .autogate import COFACTOR_SD, FALLBACK_SD, MIN_SEPARATION_D, Gate, auto_gat
 from .config import CompensationConfig, GatingConfig, PhenotypeRule
 from .quantify import COMPARTMENT_LAYERS
 
-__all__ = ["phenotype_cells", "PhenotypeResult", "Gate", "compensate"]
+__all__ = ["phenotype_cells", "PhenotypeResult", "Gate", "compensate", "weak_gate"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,12 +130,13 @@ def _manual_gate(marker: str, gating: GatingConfig, slide_id: str) -> float | No
 
 
 def _gate_markers(cells, markers, gating, slide_id, populations: Mapping[str, tuple[str, np.ndarray]] | None = None,
-                  ) -> tuple[dict[str, Gate], dict[str, np.ndarray], list[str]]:
+                  ) -> tuple[dict[str, Gate], dict[str, np.ndarray], dict[str, np.ndarray], list[str]]:
     """Gate every marker: automatic, then manual override, then positivity and flags.
 
     ``populations``: marker -> (name, (n,) bool) of the cells its automatic gate is found on.
+    Returns gates, positivity, weak positivity (above :func:`weak_gate`) and flags.
     """
-    gates, positive, flags = {}, {}, []
+    gates, positive, weak, flags = {}, {}, {}, []
     x_all = np.asarray(cells.X)
     populations = populations or {}
     for m in markers:
@@ -151,6 +154,8 @@ def _gate_markers(cells, markers, gating, slide_id, populations: Mapping[str, tu
         gates[m] = Gate(**{**asdict(gate), "positive_fraction": float(pos.mean()) if pos.size else 0.0,
                            "n_positive": int(pos.sum()), "flagged": bool(flagged)})
         positive[m] = pos
+        with np.errstate(invalid="ignore"):
+            weak[m] = pos | (x > weak_gate(gate, gating.weak_fraction))
         if gate.method == "none":
             flags.append(f"slide {slide_id!r}: marker {m!r}: empty or constant channel; no cell is called positive")
         elif flagged:
@@ -158,15 +163,22 @@ def _gate_markers(cells, markers, gating, slide_id, populations: Mapping[str, tu
                    else f"gate quality {gate.quality:.2f} < min_quality {gating.min_quality}")
             flags.append(f"slide {slide_id!r}: marker {m!r}: {why} ({gate.method} gate {gate.gate:.1f}, "
                          f"{pos.sum()} positive cells); review the gate or set a manual one")
-    return gates, positive, flags
+    return gates, positive, weak, flags
+
+
+def weak_gate(gate: Gate, weak_fraction: float) -> float:
+    """``background + weak_fraction * (gate - background)``, raw ``X`` units; NaN without a background."""
+    return float(gate.background + weak_fraction * (gate.gate - gate.background))
 
 
 # --------------------------------------------------------------------------- phenotypes
 
-def _assign_phenotypes(positive: Mapping[str, np.ndarray], rules: Sequence[PhenotypeRule | None],
-                       n: int) -> np.ndarray:
-    """Code of the first rule (in order) whose signs all hold, ``len(rules)`` (other) where none does.
+def _assign_phenotypes(positive: Mapping[str, np.ndarray], weak: Mapping[str, np.ndarray],
+                       rules: Sequence[PhenotypeRule | None], n: int) -> np.ndarray:
+    """Code of the first rule (in order) that holds, ``len(rules)`` (other) where none does.
 
+    A rule holds where its ``-`` markers are negative, its ``+`` markers weakly positive and
+    all of them but at most one (none, for a rule with one ``+`` marker) positive.
     A skipped rule is ``None`` in ``rules``: it keeps its code but takes no cell.
     """
     codes = np.full(n, len(rules), dtype=np.int64)
@@ -175,8 +187,12 @@ def _assign_phenotypes(positive: Mapping[str, np.ndarray], rules: Sequence[Pheno
         if rule is None:
             continue
         hit = free.copy()
+        plus = [m for m, sign in rule.signs().items() if sign]
         for marker, sign in rule.signs().items():
-            hit &= positive[marker] == sign
+            hit &= weak[marker] if sign else ~positive[marker]
+        if plus:
+            n_full = np.sum([positive[m] for m in plus], axis=0)
+            hit &= n_full >= max(len(plus) - 1, 1)
         codes[hit] = k
         free &= ~hit
     return codes
@@ -280,9 +296,9 @@ def phenotype_cells(
             comp_params, compensated = wanted, True
 
     later = [m for m in markers if m in gating.within]
-    gates, positive, gate_flags = _gate_markers(cells, [m for m in markers if m not in later], gating, slide_id)
+    gates, positive, weak, gate_flags = _gate_markers(cells, [m for m in markers if m not in later], gating, slide_id)
     flags += gate_flags
-    codes = _assign_phenotypes(positive, rules, cells.n_obs)
+    codes = _assign_phenotypes(positive, weak, rules, cells.n_obs)
     populations = {}
     for m in later:
         name = gating.within[m]
@@ -292,7 +308,7 @@ def phenotype_cells(
                          f"(fewer than {WITHIN_MIN_CELLS}); gated on all cells instead")
         else:
             populations[m] = (name, members)
-    later_gates, later_positive, later_flags = _gate_markers(cells, later, gating, slide_id, populations)
+    later_gates, later_positive, _, later_flags = _gate_markers(cells, later, gating, slide_id, populations)
     gates.update(later_gates)
     positive.update(later_positive)
     flags += later_flags
@@ -313,7 +329,7 @@ def phenotype_cells(
             "segmentation_markers": list(segmentation_markers),
             "manual": {m: float(g) for m, g in gating.manual.items()},
             "per_slide": {m: float(g) for m, g in gating.per_slide.get(slide_id, {}).items()},
-            "within": dict(gating.within),
+            "within": dict(gating.within), "weak_fraction": float(gating.weak_fraction),
             "compensation": comp_params,
         },
         "flags": list(flags),

@@ -121,6 +121,9 @@ def plot_gates(cells: ad.AnnData, path: str | os.PathLike, *, bins: int = 120) -
 def plot_cd3_cd8(cells: ad.AnnData, path: str | os.PathLike) -> Path:
     """Scatter of transformed CD3 against CD8, coloured by phenotype, with both gates (red).
 
+    The weak gates (``gating.weak_fraction``; dotted) show where a CD8 T cell may have only
+    one of its two markers.
+
     Parameters
     ----------
     cells : AnnData
@@ -154,6 +157,14 @@ def plot_cd3_cd8(cells: ad.AnnData, path: str | os.PathLike) -> Path:
     for value, line in ((gx, ax.axvline), (gy, ax.axhline)):
         if np.isfinite(value):
             line(value, color=GATE_COLOR, linestyle="--", linewidth=1.5)
+    fraction = float(cells.uns.get("phenotyping", {}).get("params", {}).get("weak_fraction", 1.0))
+    if fraction < 1.0:  # a CD3+ CD8+ cell may pass one of the two only at its weak gate
+        for marker, line in (("CD3", ax.axvline), ("CD8", ax.axhline)):
+            g = gates[marker]
+            weak = g["background"] + fraction * (g["gate"] - g["background"])
+            if np.isfinite(weak):
+                kw = dict(background=g["background"], cofactor=g["cofactor"], transform=g["transform"])
+                line(float(transform_intensity(weak, **kw)), color=GATE_COLOR, linestyle=":", linewidth=1)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7, markerscale=3, loc="best")

@@ -15,9 +15,11 @@ Compartments of a cell (pixel sets of the level-0 image):
 - ``membrane``: its cell pixels whose distance to the nearest pixel outside the
   cell (pixel centre to pixel centre) is below ``membrane_um``;
 - ``cytoplasm``: cell minus nucleus, or the membrane ring where that is empty;
-- ``perinuclear``: its cell pixels within ``perinuclear_um`` of its nucleus (the nucleus
-  included): where a lymphocyte's membrane lies, ~1 µm out, without the outer part of a
-  cell grown for larger cells, which picks up neighbours' membranes;
+- ``perinuclear``: a band around the nucleus, its cell pixels outside the nucleus and
+  within ``perinuclear_um`` of it (the membrane ring where that is empty): a lymphocyte's
+  membrane lies ~0.4 µm out of its nucleus, a touching neighbour's ~1.6 µm out, so a 1 µm
+  band reads the one and not the other, nor the nucleus, whose pixels carry no membrane
+  stain but do carry other dyes' spillover;
 - ``cell``: all its cell pixels.
 """
 
@@ -95,7 +97,7 @@ def measure_cells(
     nuclear_channel: int,
     expand_um: float,
     membrane_um: float,
-    perinuclear_um: float = 2.0,
+    perinuclear_um: float = 1.0,
     channel_names: Sequence[str] | None = None,
     n_rays: int = 32,
 ) -> ad.AnnData:
@@ -125,7 +127,7 @@ def measure_cells(
     membrane_um : float
         Width of the membrane ring, µm; below one pixel, one pixel.
     perinuclear_um : float
-        Reach of the perinuclear compartment beyond the nucleus, µm (0: the nucleus).
+        Width of the perinuclear band outside the nucleus, µm (> 0).
     channel_names : sequence of str, optional
         The slide's channel names for ``var['channel']``; ``C<index>`` without.
     n_rays : int, optional
@@ -226,7 +228,7 @@ def _measure_tile(nuc_w: _Window, cell_w: _Window, img_w: _Window, tile: Tile, b
     lo = (guard if box[0] > 0 else 0, guard if box[1] > 0 else 0)
     hi = (h - guard if box[2] < ny else h, w - guard if box[3] < nx else w)
     _check_inside(nuc_local, cell_local, owned, lo, hi, tile)
-    peri_local = np.where(perinuclear(nuc, peri_px) == cell, cell_local, 0)
+    peri_local = np.where((perinuclear(nuc, peri_px) == cell) & (nuc != cell), cell_local, 0)
     table = _measure_local(nuc_local, cell_local, cell, nuc != cell, peri_local, img, owned, membrane_px, n_rays)
     table.centroid_yx = np.stack([cy[own], cx[own]], axis=1)
     table.centre_yx += np.asarray(box[:2], np.int64)
@@ -282,8 +284,9 @@ def _measure_local(nuc_local, cell_local, cell, not_nucleus, peri_local, img, ow
         counts.append(n)
         with np.errstate(invalid="ignore", divide="ignore"):
             means.append(np.stack(sums, axis=1) / n[:, None] if sums else np.zeros((k, 0)))
-    empty = counts[2] == 0
-    means[2][empty] = means[1][empty]  # no cytoplasm: the membrane ring
+    for layer in (2, 3):  # no cytoplasm or no perinuclear band: the membrane ring
+        empty = counts[layer] == 0
+        means[layer][empty] = means[1][empty]
     ecc = _eccentricity(nuc_local, k)
     solidity, centre, dist = _nucleus_shapes(nuc_local, k, n_rays)
     return _Table(owned, counts[0], counts[4], np.zeros((k, 2)), ecc, solidity, np.stack(means), centre, dist)

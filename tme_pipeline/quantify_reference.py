@@ -28,7 +28,7 @@ def measure_cells_reference(
     nuclear_channel: int,
     expand_um: float,
     membrane_um: float,
-    perinuclear_um: float = 2.0,
+    perinuclear_um: float = 1.0,
     channel_names: Sequence[str] | None = None,
     n_rays: int = 32,
 ) -> ad.AnnData:
@@ -69,9 +69,10 @@ def measure_cells_reference(
         inside = cells[sl] == p.label
         ring = inside & (ndi.distance_transform_edt(inside) < membrane_px) if not inside.all() else ~inside
         cyto = inside & (nuclei[sl] != p.label)
+        band = cyto & (peri[sl] == p.label)
         table.means[:, i] = [p.intensity_mean, pixels[sl][ring].mean(axis=0),
                              pixels[sl][cyto if cyto.any() else ring].mean(axis=0),
-                             pixels[sl][inside & (peri[sl] == p.label)].mean(axis=0),
+                             pixels[sl][band if band.any() else ring].mean(axis=0),
                              cell_props[p.label].intensity_mean]
         centre[i] = np.floor(np.asarray(p.centroid) + 0.5)
         if nuclei[centre[i, 0], centre[i, 1]] != p.label:
