@@ -229,10 +229,10 @@ def test_co_expression_rule_tolerates_one_weak_marker():
     result = phenotype_cells(cells, gating=gating, phenotypes=RULES, slide_id="S")
     x = {m: cells.X[:, list(cells.var_names).index(m)].astype(float) for m in ("CD3", "CD8", "FOXP3")}
     full = {m: x[m] > result.gates[m].gate for m in x}
-    weak = {m: x[m] > weak_gate(result.gates[m], 0.6) for m in x}
+    weak = {m: x[m] > weak_gate(result.gates[m].background, result.gates[m].gate, 0.6) for m in x}
     g = result.gates["CD3"]
-    assert g.background < weak_gate(g, 0.6) < g.gate
-    np.testing.assert_allclose(weak_gate(g, 0.6), g.background + 0.6 * (g.gate - g.background))
+    assert g.background < weak_gate(g.background, g.gate, 0.6) < g.gate
+    np.testing.assert_allclose(weak_gate(g.background, g.gate, 0.6), g.background + 0.6 * (g.gate - g.background))
     expected = (full["CD3"] & weak["CD8"]) | (weak["CD3"] & full["CD8"])
     phen = cells.obs["phenotype"].to_numpy()
     np.testing.assert_array_equal(phen == "CD8_T", expected)

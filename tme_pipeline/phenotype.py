@@ -155,7 +155,7 @@ def _gate_markers(cells, markers, gating, slide_id, populations: Mapping[str, tu
                            "n_positive": int(pos.sum()), "flagged": bool(flagged)})
         positive[m] = pos
         with np.errstate(invalid="ignore"):
-            weak[m] = pos | (x > weak_gate(gate, gating.weak_fraction))
+            weak[m] = pos | (x > weak_gate(gate.background, gate.gate, gating.weak_fraction))
         if gate.method == "none":
             flags.append(f"slide {slide_id!r}: marker {m!r}: empty or constant channel; no cell is called positive")
         elif flagged:
@@ -166,9 +166,9 @@ def _gate_markers(cells, markers, gating, slide_id, populations: Mapping[str, tu
     return gates, positive, weak, flags
 
 
-def weak_gate(gate: Gate, weak_fraction: float) -> float:
+def weak_gate(background: float, gate: float, weak_fraction: float) -> float:
     """``background + weak_fraction * (gate - background)``, raw ``X`` units; NaN without a background."""
-    return float(gate.background + weak_fraction * (gate.gate - gate.background))
+    return float(background + weak_fraction * (gate - background))
 
 
 # --------------------------------------------------------------------------- phenotypes

@@ -14,6 +14,7 @@ import anndata as ad
 import numpy as np
 
 from .autogate import transform_intensity
+from .phenotype import weak_gate
 
 __all__ = ["plot_gates", "plot_cd3_cd8"]
 
@@ -161,7 +162,7 @@ def plot_cd3_cd8(cells: ad.AnnData, path: str | os.PathLike) -> Path:
     if fraction < 1.0:  # a CD3+ CD8+ cell may pass one of the two only at its weak gate
         for marker, line in (("CD3", ax.axvline), ("CD8", ax.axhline)):
             g = gates[marker]
-            weak = g["background"] + fraction * (g["gate"] - g["background"])
+            weak = weak_gate(g["background"], g["gate"], fraction)
             if np.isfinite(weak):
                 kw = dict(background=g["background"], cofactor=g["cofactor"], transform=g["transform"])
                 line(float(transform_intensity(weak, **kw)), color=GATE_COLOR, linestyle=":", linewidth=1)
