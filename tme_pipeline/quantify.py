@@ -260,8 +260,9 @@ def _check_inside(nuc_local, cell_local, owned, lo, hi, tile: Tile) -> None:
 def perinuclear(nuclei: np.ndarray, distance_px: float) -> np.ndarray:
     """Nuclei grown by ``distance_px`` (as ``expand_labels``); (h, w) int, 0 background.
 
-    Where it equals the cell label, a pixel is that cell's perinuclear compartment:
-    a cell never extends past the nucleus nearest to its pixels.
+    Where it equals the cell label and the pixel is not in that cell's nucleus, the pixel
+    is in the cell's perinuclear band: a cell never extends past the nucleus nearest to
+    its pixels.
     """
     from skimage.segmentation import expand_labels
 
