@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from tme_pipeline.segment.predict import segment_nuclei
-    from tme_pipeline.segment.training import synthetic_images
+    from tme_pipeline.segment.train.training import synthetic_images
     from tme_pipeline.segment.weights import load_model
 
     torch.set_num_threads(args.threads)

@@ -40,7 +40,7 @@ logger = logging.getLogger("train_stardist")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tme_pipeline.segment.augment import AugmentConfig
+    from tme_pipeline.segment.train.augment import AugmentConfig
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="model folder to write")
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from tme_pipeline.segment.net import StarDistConfig
-    from tme_pipeline.segment.training import TrainConfig, synthetic_images, train_stardist
-    from tme_pipeline.segment.tuning import evaluate_model, optimize_thresholds, shifted_images
+    from tme_pipeline.segment.train.training import TrainConfig, synthetic_images, train_stardist
+    from tme_pipeline.segment.train.tuning import evaluate_model, optimize_thresholds, shifted_images
     from tme_pipeline.segment.weights import Thresholds, load_model, save_model
 
     torch.set_num_threads(args.threads)

@@ -10,10 +10,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("stardist")
 
-from tme_pipeline.segment.augment import AugmentConfig, augment_patch, source_window_px  # noqa: E402
+from tme_pipeline.segment.train.augment import AugmentConfig, augment_patch, source_window_px  # noqa: E402
 from tme_pipeline.segment.net import StarDistConfig  # noqa: E402
-from tme_pipeline.segment.targets import stardist_targets  # noqa: E402
-from tme_pipeline.segment.training import (  # noqa: E402
+from tme_pipeline.segment.train.targets import stardist_targets  # noqa: E402
+from tme_pipeline.segment.train.training import (  # noqa: E402
     SynthImage, TrainConfig, sample_batch, stardist_loss, train_stardist)
 from tme_pipeline.segment.metrics import pooled_scores  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 The recipe is the official ``StarDist2D.train`` one, on our synthetic DAPI:
 
-- targets: :func:`tme_pipeline.segment.targets.stardist_targets` (prob =
+- targets: :func:`tme_pipeline.segment.train.targets.stardist_targets` (prob =
   normalised EDT, dist = ray lengths, on the output grid);
 - loss: ``1 * BCE(prob) + 0.2 * MAE(dist)``, the distance error weighted by
   the prob target and normalised by its mean, plus ``1e-4 * |dist|`` on
@@ -10,10 +10,10 @@ The recipe is the official ``StarDist2D.train`` one, on our synthetic DAPI:
 - Adam, learning rate 3e-4, here with a cosine decay (the step budget of a
   2-core CPU is fixed in advance, so no plateau to wait for);
 - patches biased to nuclei and tissue (the official ``train_foreground_only``),
-  augmented by :mod:`tme_pipeline.segment.augment`;
+  augmented by :mod:`tme_pipeline.segment.train.augment`;
 - thresholds chosen on held-out synthetic slides through the very
   :func:`~tme_pipeline.segment.predict.segment_nuclei` users call
-  (:mod:`tme_pipeline.segment.tuning`).
+  (:mod:`tme_pipeline.segment.train.tuning`).
 
 Randomness: the net's initialisation from ``seed``; batch ``k`` from
 ``numpy.random.default_rng([seed, k])``, so a run is reproducible step by step.
@@ -32,7 +32,7 @@ import torch
 from torch.nn import functional as F
 
 from .augment import AugmentConfig, augment_patch, source_window_px
-from .net import StarDistConfig, StarDistNet
+from ..net import StarDistConfig, StarDistNet
 from .targets import stardist_targets
 
 __all__ = ["SynthImage", "TrainConfig", "condition_for_seed", "sample_batch", "stardist_loss", "synthetic_images",

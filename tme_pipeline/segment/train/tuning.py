@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .metrics import pooled_scores
-from .net import StarDistNet
+from ..metrics import pooled_scores
+from ..net import StarDistNet
 from .training import SynthImage
 
 if TYPE_CHECKING:
     from .augment import AugmentConfig
-from .weights import StarDistModel, Thresholds
+from ..weights import StarDistModel, Thresholds
 
 __all__ = ["evaluate_model", "optimize_thresholds", "shifted_images"]
 
@@ -31,7 +31,7 @@ def evaluate_model(
     nms_thresh: float | None = None, iou_thresholds: tuple[float, ...] = (0.5,),
 ) -> dict[float, dict]:
     """:func:`pooled_scores` of ``segment_nuclei`` (the user path) on synthetic images."""
-    from .predict import segment_nuclei
+    from ..predict import segment_nuclei
 
     preds = [segment_nuclei(im.image, im.pixel_um, model=model, prob_thresh=prob_thresh, nms_thresh=nms_thresh)
              for im in images]
