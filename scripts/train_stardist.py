@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 # Generator seed ranges of the three synthetic sets: disjoint by construction.
 TRAIN_SEED0, VAL_SEED0, TEST_SEED0 = 10_000, 20_000, 30_000
 IOU_THRESHOLDS = (0.5, 0.7, 0.9)
@@ -40,7 +42,7 @@ logger = logging.getLogger("train_stardist")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tme_pipeline.segment.train.augment import AugmentConfig
+    from tme_pipeline.segment.train.augment import AugmentConfig, source_window_px
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="model folder to write")
@@ -64,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="domain-shifted copies of each validation slide added to the threshold search")
     ap.add_argument("--init", type=Path, default=None,
                     help="model folder to start from (with --steps 0: only choose thresholds and validate)")
+    ap.add_argument("--real", type=Path, default=None,
+                    help="shared real-nuclei folder (index.csv, images/, masks/) to train on beside the synthetic "
+                         "slides; validation and test images are whole appearance groups (split.json in --out)")
+    ap.add_argument("--real-fraction", type=float, default=0.5, help="share of training patches from real images")
+    ap.add_argument("--real-groups", type=int, default=40, help="appearance groups the real images are cut into")
+    ap.add_argument("--split-seed", type=int, default=0, help="seed of the group split of the real images")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/tme_stardist_synth"), help="synthetic slide cache")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -80,11 +88,22 @@ def main(argv: list[str] | None = None) -> int:
     size = (args.slide_mm, args.slide_mm)
     train = synthetic_images(args.cache, [TRAIN_SEED0 + i for i in range(args.train_slides)], size_mm=size)
     val = synthetic_images(args.cache, [VAL_SEED0 + i for i in range(args.val_slides)], size_mm=size)
-    t_data = time.perf_counter() - t0
-    logger.info("data: %d training, %d validation slides in %.0f s", len(train), len(val), t_data)
-
     net_config = StarDistConfig(pixel_um=0.5, train_patch_size=(args.patch, args.patch))
     augment = AugmentConfig(scale=tuple(args.scale), nucleus_contrast_sd=args.nucleus_contrast_sd)
+    weights, real_val, split_log = None, [], None
+    if args.real is not None:
+        train_real, real_val, split_log = real_split(args.real, n_groups=args.real_groups, seed=args.split_seed,
+                                                     min_edge_px=source_window_px(args.patch, augment),
+                                                     min_patch_px=args.patch)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "split.json").write_text(json.dumps(split_log, indent=1) + "\n")
+        # Each source gets its share of patches whatever its number of images.
+        weights = np.r_[np.full(len(train), (1 - args.real_fraction) / len(train)),
+                        np.full(len(train_real), args.real_fraction / len(train_real))]
+        train = train + train_real
+    t_data = time.perf_counter() - t0
+    logger.info("data: %d training images, %d validation slides, %d real validation images in %.0f s", len(train),
+                len(val), len(real_val), t_data)
     config = TrainConfig(steps=args.steps, patch_px=args.patch, batch_size=args.batch, learning_rate=args.lr,
                          seed=args.seed, augment=augment)
     default_thr = Thresholds(prob=net_config.prob_thresh, nms=net_config.nms_thresh)
@@ -94,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t1 = time.perf_counter()
     init = load_model(args.init).net.state_dict() if args.init else None
-    net, history = train_stardist(train, net_config=net_config, config=config, val_images=val,
-                                  val_every=args.val_every, on_checkpoint=checkpoint, init_state=init)
+    net, history = train_stardist(train, net_config=net_config, config=config, val_images=val + real_val,
+                                  val_every=args.val_every, on_checkpoint=checkpoint, init_state=init,
+                                  image_weights=weights)
     t_train = time.perf_counter() - t1
     save_model(args.out, net, net_config, default_thr)
 
@@ -105,10 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     # (the training augmentation): a pair that only fits crisp synthetic nuclei would
     # cost recall on real slides.
     val_shifted = val + shifted_images(val, copies=args.shifted_copies, seed=args.seed, augment=augment)
-    thresholds, tried = optimize_thresholds(model, val_shifted, nms_threshs=tuple(args.nms))
+    sets = {"synthetic": val_shifted, "real": real_val} if real_val else val_shifted
+    thresholds, tried = optimize_thresholds(model, sets, nms_threshs=tuple(args.nms))
     save_model(args.out, net, net_config, thresholds)
     model = load_model(args.out)
     val_scores = evaluate_model(model, val, iou_thresholds=IOU_THRESHOLDS)
+    real_scores = evaluate_model(model, real_val, iou_thresholds=IOU_THRESHOLDS) if real_val else {}
     t_thr = time.perf_counter() - t2
 
     log = {
@@ -124,9 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         "history": history,
         "thresholds": {"prob": thresholds.prob, "nms": thresholds.nms,
                        "objective": "pooled F1 at IoU 0.5 on the validation slides and "
-                                    f"{args.shifted_copies} shifted copies of each (training augmentation)"},
+                                    f"{args.shifted_copies} shifted copies of each (training augmentation)"
+                                    + ("; mean with the pooled F1 of the real validation groups" if real_val else "")},
         "threshold_search": tried,
         "val": {f"iou{t}": {k: round(float(v), 4) for k, v in s.items()} for t, s in val_scores.items()},
+        "val_real": {f"iou{t}": {k: round(float(v), 4) for k, v in s.items()} for t, s in real_scores.items()},
+        "real": None if split_log is None else {k: v for k, v in split_log.items() if k != "images"},
         "weights_sha256": model.sha256,
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
     }
@@ -134,6 +159,25 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("done in %.0f s: thresholds %s, val F1@0.5 %.4f", time.perf_counter() - t0, thresholds,
                 val_scores[0.5]["f1"])
     return 0
+
+
+def real_split(folder: Path, *, n_groups: int, seed: int, min_edge_px: int, min_patch_px: int):
+    """Real training and validation images (test groups left out) and the split's record."""
+    from tme_pipeline.segment.train.real import appearance_groups, read_index, real_images, split_by_group
+
+    records = read_index(folder)
+    groups = appearance_groups(folder, records, n_groups=n_groups)
+    split = split_by_group(groups, seed=seed)
+    train = real_images(folder, [records[i] for i in split["train"]], min_edge_px=min_edge_px, seed0=100_000)
+    # Validation images are padded to one patch too: the validation loss draws unaugmented patches.
+    val = real_images(folder, [records[i] for i in split["val"]], min_edge_px=min_patch_px, seed0=200_000)
+    log = {"folder": str(folder), "n_groups": n_groups, "split_seed": seed,
+           "method": "Ward clustering of standardised appearance features (shape, nucleus size, intensity, "
+                     "texture, crowding); test, then validation, take whole groups in a seeded order",
+           "counts": {k: {"images": len(v), "nuclei": int(sum(records[i].n_nuclei for i in v)),
+                          "groups": sorted({int(groups[i]) for i in v})} for k, v in split.items()},
+           "images": {k: [records[i].image_id for i in v] for k, v in split.items()}}
+    return train, val, log
 
 
 if __name__ == "__main__":

@@ -149,3 +149,25 @@ def test_pooled_scores_sum_counts_over_images():
     assert (s["tp"], s["fp"], s["fn"]) == (2, 0, 2)
     assert s["precision"] == 1.0 and s["recall"] == 0.5
     assert s["mean_matched_iou"] == pytest.approx(1.0)
+
+
+def test_sample_batch_draws_images_by_weight():
+    blobs = _blob_images(1)[0]
+    # A second source that is all background: patches from it have an all-zero prob target.
+    blank = SynthImage.from_arrays(np.full((192, 192), 200, np.uint16), np.zeros((192, 192), np.uint32),
+                                   tissue=np.ones((4, 4), bool), tissue_px=48.0, pixel_um=0.5, seed=9)
+    cfg = TrainConfig(patch_px=64, batch_size=6, augment=GEOMETRY_ONLY)
+    kw = dict(n_rays=8, grid=(2, 2), config=cfg)
+    _, prob, _ = sample_batch([blobs, blank], rng=np.random.default_rng(0), weights=np.array([0.0, 1.0]), **kw)
+    assert prob.max() == 0
+    _, prob, _ = sample_batch([blobs, blank], rng=np.random.default_rng(0), weights=np.array([1.0, 0.0]), **kw)
+    assert all(p.max() > 0 for p in prob)
+
+
+def test_train_rejects_bad_image_weights():
+    images = _blob_images(2)
+    cfg = TrainConfig(steps=1, patch_px=64, batch_size=2)
+    with pytest.raises(ValueError, match="image_weights"):
+        train_stardist(images, net_config=TINY, config=cfg, image_weights=np.array([1.0]))
+    with pytest.raises(ValueError, match="image_weights"):
+        train_stardist(images, net_config=TINY, config=cfg, image_weights=np.array([1.0, -1.0]))

@@ -185,9 +185,12 @@ class TrainConfig:
 
 def sample_batch(
     images: list[SynthImage], *, n_rays: int, grid: tuple[int, int], config: TrainConfig,
-    rng: np.random.Generator, augment: bool = True,
+    rng: np.random.Generator, augment: bool = True, weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One training batch: images, prob targets, dist targets.
+
+    ``weights`` (one per image, summing to 1) are the probabilities of drawing
+    each image for a patch; default uniform.
 
     Returns
     -------
@@ -203,7 +206,8 @@ def sample_batch(
     s = source_window_px(p, aug)
     xs, probs, dists = [], [], []
     for _ in range(config.batch_size):
-        im = images[int(rng.integers(len(images)))]
+        k = rng.choice(len(images), p=weights) if weights is not None else rng.integers(len(images))
+        im = images[int(k)]
         cy, cx = _patch_centre(im, rng, config)
         y0 = int(np.clip(cy - s // 2, 0, im.image.shape[0] - s))
         x0 = int(np.clip(cx - s // 2, 0, im.image.shape[1] - s))
@@ -265,7 +269,7 @@ def train_stardist(
     images: list[SynthImage], *, net_config: StarDistConfig, config: TrainConfig,
     val_images: list[SynthImage] | None = None, val_every: int = 250,
     on_checkpoint: Callable[[StarDistNet, int], None] | None = None,
-    init_state: dict[str, torch.Tensor] | None = None,
+    init_state: dict[str, torch.Tensor] | None = None, image_weights: np.ndarray | None = None,
 ) -> tuple[StarDistNet, list[dict]]:
     """Train a StarDist net on synthetic images.
 
@@ -285,6 +289,10 @@ def train_stardist(
     init_state : dict of str -> Tensor, optional
         Initial weights (a state dict of the same architecture) to continue
         from instead of a random initialisation.
+    image_weights : (N,) float ndarray, optional
+        Probability of drawing each training image for a patch (e.g. to mix
+        a few large synthetic slides with many small real images); default
+        uniform. Normalised here.
 
     Returns
     -------
@@ -303,6 +311,12 @@ def train_stardist(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(config.steps, 1),
                                                        eta_min=config.learning_rate * config.lr_floor)
     kw = dict(n_rays=net_config.n_rays, grid=net_config.grid, config=config)
+    weights = None
+    if image_weights is not None:
+        weights = np.asarray(image_weights, float)
+        if weights.shape != (len(images),) or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"image_weights: need {len(images)} non-negative weights, got shape {weights.shape}")
+        weights = weights / weights.sum()
     val_batch = None
     if val_images:
         vb = [sample_batch(val_images, rng=np.random.default_rng([config.seed, 99, k]), augment=False, **kw)
@@ -313,7 +327,7 @@ def train_stardist(
         return net.eval(), history
     for step in range(1, config.steps + 1):
         x, prob, dist = (torch.from_numpy(a) for a in
-                         sample_batch(images, rng=np.random.default_rng([config.seed, step]), **kw))
+                         sample_batch(images, rng=np.random.default_rng([config.seed, step]), weights=weights, **kw))
         p, d = net(x)
         loss, lp, ld = stardist_loss(p, d, prob, dist, loss_weights=config.loss_weights,
                                      background_reg=config.background_reg)
