@@ -138,15 +138,16 @@ def test_inference_settings_by_device(monkeypatch):
     assert inference_settings("cpu", precision="auto").autocast_dtype is None
     assert inference_settings("cpu", precision="bf16").autocast_dtype == "bfloat16"
     cuda = inference_settings("cuda:1")
-    assert (cuda.device, cuda.autocast_dtype, cuda.pin_memory, cuda.non_blocking) == ("cuda:1", "float16", True,
-                                                                                     True)
-    assert inference_settings("cuda", precision="fp32").autocast_dtype is None
+    assert (cuda.device, cuda.autocast_dtype, cuda.pin_memory, cuda.non_blocking) == ("cuda:1", None, True, True)
+    assert cuda.exact_fp32 and not cpu.exact_fp32
+    assert inference_settings("cuda", precision="fp16").autocast_dtype == "float16"
+    assert not inference_settings("cuda", precision="bf16").exact_fp32
     with pytest.raises(ValueError, match="precision"):
         inference_settings("cpu", precision="fp16")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert inference_settings().device == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert inference_settings().autocast_dtype == "float16"
+    assert inference_settings().autocast_dtype is None
 
 
 def test_bf16_on_cpu_runs_the_same_code_path(tiny_model, nuclei):

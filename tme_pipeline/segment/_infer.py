@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
     from .weights import StarDistModel
 
-__all__ = ["InferenceSettings", "cpu_has_native_bf16", "inference_settings", "keep_freed_host_memory", "run_net"]
+__all__ = ["InferenceSettings", "cpu_has_native_bf16", "exact_fp32_convolutions", "inference_settings",
+           "keep_freed_host_memory", "run_net"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ class InferenceSettings:
     channels_last : bool
         NHWC memory format, faster for convolutions on CPU (oneDNN) and
         tensor cores.
+    exact_fp32 : bool
+        Float32 convolutions in full IEEE float32 on CUDA, not TF32 (see
+        :func:`exact_fp32_convolutions`); True for fp32 on CUDA.
     """
 
     device: str
@@ -60,6 +64,7 @@ class InferenceSettings:
     pin_memory: bool
     non_blocking: bool
     channels_last: bool = True
+    exact_fp32: bool = False
 
 
 def cpu_has_native_bf16() -> bool:
@@ -79,17 +84,24 @@ def inference_settings(device: str | None = None, *, precision: str | None = Non
     ----------
     device : str, optional
         Torch device string.
-    precision : {"auto", "fp32", "fp16", "bf16"}, optional
-        Arithmetic of the net. ``None`` or ``"auto"``: fp16 (autocast) on
-        CUDA, fp32 on CPU. fp32 reproduces the official StarDist to ~1e-6 and
-        gives the same nuclei whatever the tiling. bf16 (opt-in; ~2x faster
-        convolutions on CPUs with AVX512-BF16 or AMX, see
-        :func:`cpu_has_native_bf16`) moves probabilities by ~1e-2 and
-        distances by ~0.1 px: accuracy against truth is unchanged, but
-        near-tied candidates can swap in NMS, so a tiled slide agrees with
-        one piece for only ~98 % of nuclei at IoU 0.9 (``docs/benchmarks.md``).
+    precision : {"fp32", "bf16", "fp16", "auto"}, optional
+        Arithmetic of the net. ``None``, ``"auto"`` or ``"fp32"``: float32 on
+        every device, with cuDNN held to IEEE float32 rather than TF32, so that
+        CPU and GPU, whatever the tiling and the number of workers, find the
+        same nuclei (fp32 reproduces the official StarDist to ~1e-6; a tiled
+        slide agrees with one piece for 100 % of nuclei at IoU 0.9). Autocast
+        is opt-in: ``"bf16"`` (~2x faster convolutions on CPUs with
+        AVX512-BF16 or AMX, see :func:`cpu_has_native_bf16`) or ``"fp16"``
+        (CUDA only) move probabilities by ~1e-2 and distances by ~0.1 px:
+        accuracy against truth is unchanged (F1 within 0.001 on the shipped
+        model's test set, ``models/stardist_fluo_synth/README.md``), but
+        near-tied candidates can swap in NMS, so a tiled slide agrees with one
+        piece for only 97.8 % of nuclei at IoU 0.9 in bf16
+        (``docs/benchmarks.md``).
 
     >>> inference_settings("cpu", precision="fp32").autocast_dtype is None
+    True
+    >>> inference_settings("cuda").autocast_dtype is None
     True
     """
     import torch
@@ -98,12 +110,30 @@ def inference_settings(device: str | None = None, *, precision: str | None = Non
         device = "cuda" if torch.cuda.is_available() else "cpu"
     cuda = torch.device(device).type == "cuda"
     if precision in (None, "auto"):
-        precision = "fp16" if cuda else "fp32"
+        precision = "fp32"
     dtypes = {"fp32": None, "fp16": "float16", "bf16": "bfloat16"}
     if precision not in dtypes or (precision == "fp16" and not cuda):
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16 (CUDA only), got {precision!r} for {device}")
+        raise ValueError(f"precision must be fp32, bf16 or fp16 (CUDA only), got {precision!r} for {device}")
     return InferenceSettings(device=str(device), autocast_dtype=dtypes[precision], pin_memory=cuda,
-                             non_blocking=cuda)
+                             non_blocking=cuda, exact_fp32=cuda and dtypes[precision] is None)
+
+
+def exact_fp32_convolutions() -> None:
+    """Hold cuDNN's float32 convolutions to IEEE float32 in this process.
+
+    PyTorch lets cuDNN compute float32 convolutions in TF32 (a 10-bit mantissa, like
+    fp16's) on Ampere and later GPUs, which would make the GPU's fp32 differ from the
+    CPU's as much as autocast does. The flag is process-wide, as torch keeps it; it
+    only narrows what cuDNN may do, and changes nothing on CPU.
+    """
+    import torch
+
+    cudnn = torch.backends.cudnn
+    if hasattr(cudnn, "conv"):
+        # torch >= 2.9: the per-operator API; mixing it with the legacy flag is an error.
+        cudnn.conv.fp32_precision = "ieee"
+    else:
+        cudnn.allow_tf32 = False
 
 
 # glibc's mallopt parameters (malloc.h).
@@ -233,6 +263,8 @@ def run_net(
     net = _prepare(model.net, settings)
     if dev_type == "cpu":
         keep_freed_host_memory()
+    if settings.exact_fp32:
+        exact_fp32_convolutions()
     autocast = (torch.autocast(dev_type, dtype=getattr(torch, settings.autocast_dtype))
                 if settings.autocast_dtype else contextlib.nullcontext())
     with torch.inference_mode(), autocast:

@@ -139,8 +139,9 @@ def segment_nuclei(
     device : str, optional
         ``"cuda"``, ``"cpu"``, ...; default CUDA when available. The net is
         moved there.
-    precision : {"fp32", "fp16", "bf16"}, optional
-        See :func:`inference_settings`; default fp16 on CUDA, fp32 on CPU.
+    precision : {"fp32", "bf16", "fp16"}, optional
+        See :func:`inference_settings`; default fp32 on every device
+        (autocast in bf16 or fp16 is opt-in).
     batch_size : int, optional
         Patches per forward pass; default 1 on CPU, 4 on CUDA.
     tile_px : int, optional
