@@ -9,8 +9,13 @@ __all__ = ["model_folder", "shipped_models_dir"]
 
 
 def shipped_models_dir() -> Path:
-    """The repository's ``models/`` folder, where the shipped weights live."""
-    return Path(__file__).resolve().parents[2] / "models"
+    """The shipped models: the package's ``models/`` data folder.
+
+    In an installed wheel it holds a copy of every folder of the repository's
+    ``models/``; in a checkout, ``tme_pipeline/models`` is a link to that folder,
+    so a model the training scripts have just written there is found by name.
+    """
+    return Path(__file__).resolve().parents[1] / "models"
 
 
 def model_folder(model: str | Path) -> Path:
