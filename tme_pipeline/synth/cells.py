@@ -17,6 +17,7 @@ from skimage.measure import points_in_poly
 
 from .condition import SlideCondition
 from .layout import Layout
+from .style import SlideStyle
 
 MARKERS = ("DAPI", "CD3", "CD8", "CD20", "CD21", "FOXP3", "PDL1", "SATB2")
 CELL_TYPES = ("tumor", "fibroblast", "macrophage", "cd8_t", "cd4_t", "treg", "b_cell")
@@ -202,7 +203,7 @@ def _conflicts(x: np.ndarray, y: np.ndarray, size: np.ndarray, *, factor: float,
     return np.concatenate(out_i), np.concatenate(out_j)
 
 
-def make_cells(layout: Layout, condition: SlideCondition, *, seed: int) -> pd.DataFrame:
+def make_cells(layout: Layout, condition: SlideCondition, *, seed: int, look: SlideStyle | None = None) -> pd.DataFrame:
     """Draw the cell table of one slide.
 
     Parameters
@@ -210,6 +211,7 @@ def make_cells(layout: Layout, condition: SlideCondition, *, seed: int) -> pd.Da
     layout : Layout
     condition : SlideCondition
     seed : int
+    look : SlideStyle, default ``SlideStyle()``; its nucleus irregularity and packing apply.
 
     Returns
     -------
@@ -219,6 +221,7 @@ def make_cells(layout: Layout, condition: SlideCondition, *, seed: int) -> pd.Da
         radians, h2..h4 amp/phase harmonics), cyto_um, and per marker ``<m>_int`` (float32
         scene level) and ``<m>_pos`` (bool).
     """
+    look = look or SlideStyle()
     rng = np.random.default_rng([seed, 202])
     masks = layout.masks
     c = _candidates(layout, condition, rng)
@@ -247,7 +250,7 @@ def make_cells(layout: Layout, condition: SlideCondition, *, seed: int) -> pd.Da
     b = radius / np.sqrt(aspect)
     size = np.sqrt(a * b) + rng.uniform(sp_lo, sp_hi)
     priority = c["rank"] + rng.random(n0)
-    keep = pack_greedy(c["x"], c["y"], size, priority)
+    keep = pack_greedy(c["x"], c["y"], size, priority, factor=look.pack_factor)
 
     sel = np.flatnonzero(keep)
     order = sel[np.lexsort((c["x"][sel], c["y"][sel]))]
@@ -261,7 +264,7 @@ def make_cells(layout: Layout, condition: SlideCondition, *, seed: int) -> pd.Da
     flow = layout.flow_angle[cj, ci].astype(float)
     oriented = (kind == names.index("fibroblast")) | spindle
     angle = np.where(oriented, flow + rng.normal(0, 0.2, n), rng.uniform(0, np.pi, n))
-    amps = rng.uniform(0, 1, (n, 3)) * hamp_o[:, None] * np.array([1.0, 0.6, 0.4])
+    amps = rng.uniform(0, 1, (n, 3)) * hamp_o[:, None] * np.array([1.0, 0.6, 0.4]) * look.shape_scale
     phases = rng.uniform(0, 2 * np.pi, (n, 3))
     cyto = np.clip(rng.normal(cy_m[order], cy_sd[order]), 0.5, None)
 
@@ -332,8 +335,10 @@ def _round_trip_safe(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def make_artefacts(layout: Layout, *, seed: int) -> dict[str, np.ndarray]:
+def make_artefacts(layout: Layout, *, seed: int, debris_scale: float = 1.0) -> dict[str, np.ndarray]:
     """Non-cell objects: red blood cells (in vessels and necrosis) and necrotic debris.
+
+    ``debris_scale`` multiplies the density of necrotic debris (6000 per mm² of necrosis).
 
     Returns
     -------
@@ -351,7 +356,7 @@ def make_artefacts(layout: Layout, *, seed: int) -> dict[str, np.ndarray]:
     xs.append(x); ys.append(y); ks.append(np.zeros(x.size, np.int8))
     n_rbc = sum(k.size for k in ks)
     rs.append(rng.normal(3.6, 0.3, n_rbc)); amps.append(rng.lognormal(np.log(900), 0.3, n_rbc))
-    x, y = _poisson_points(rng, 6000 * nec, layout.coarse_um)
+    x, y = _poisson_points(rng, (6000 * debris_scale) * nec, layout.coarse_um)
     xs.append(x); ys.append(y); ks.append(np.ones(x.size, np.int8))
     rs.append(rng.uniform(0.4, 1.3, x.size)); amps.append(rng.lognormal(np.log(5000), 0.4, x.size))
     out = {"x_um": np.concatenate(xs), "y_um": np.concatenate(ys), "r_um": np.concatenate(rs),

@@ -10,12 +10,14 @@ import numpy as np
 
 from .condition import SlideCondition
 from .slide import synth_slide
+from .style import check_style
 
 logger = logging.getLogger(__name__)
 
 
 def synth_cohort(out_dir: str | Path, *, n_patients: int = 2, seed: int = 0,
-                 size_mm: tuple[float, float] = (2.0, 1.5), pixel_um: float = 0.5) -> Path:
+                 size_mm: tuple[float, float] = (2.0, 1.5), pixel_um: float = 0.5,
+                 style: str = "default") -> Path:
     """Write a synthetic cohort: a pre-SBRT biopsy and a post-treatment resection per patient.
 
     Half the patients (rounded up) are responders, assigned at random. Each patient has its
@@ -28,6 +30,7 @@ def synth_cohort(out_dir: str | Path, *, n_patients: int = 2, seed: int = 0,
     seed : int.
     size_mm : (width, height) of every slide in mm.
     pixel_um : level-0 pixel size in µm.
+    style : slide style of every slide, see :func:`synth_slide`.
 
     Returns
     -------
@@ -37,6 +40,7 @@ def synth_cohort(out_dir: str | Path, *, n_patients: int = 2, seed: int = 0,
     """
     if n_patients < 1:
         raise ValueError(f"{out_dir}: n_patients must be >= 1, got {n_patients}")
+    check_style(style, str(out_dir))
     out = Path(out_dir)
     (out / "slides").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 606])
@@ -52,7 +56,7 @@ def synth_cohort(out_dir: str | Path, *, n_patients: int = 2, seed: int = 0,
             cond = SlideCondition.for_sample(timepoint, str(responses[p]), immune_scale=round(float(immune[p]), 4))
             rel = Path("slides") / f"{slide_id}.ome.tif"
             synth_slide(out / rel, size_mm=size_mm, seed=slide_seed, pixel_um=pixel_um, condition=cond,
-                        truth_dir=out / "truth" / slide_id)
+                        truth_dir=out / "truth" / slide_id, style=style)
             rows.append({"patient_id": pid, "timepoint": timepoint, "slide": rel.as_posix(),
                          "response": str(responses[p])})
             logger.info("cohort: wrote %s (%s)", slide_id, responses[p])

@@ -24,6 +24,7 @@ from scipy import ndimage as ndi
 from .cells import MARKERS, MEMBRANE_MARKERS, NUCLEAR_MARKERS
 from .layout import Layout
 from .raster import CellGeometry, rasterize, splat_discs
+from .style import SlideStyle
 
 NOISE_TILE = 256
 #: Spectral order of the fluorophores (DAPI, Opal 480, 520, 570, 620, 650, 690, 780):
@@ -55,7 +56,9 @@ class Acquisition:
     read_sd: float = 8.0
 
     @classmethod
-    def draw(cls, *, seed: int) -> "Acquisition":
+    def draw(cls, *, seed: int, look: SlideStyle | None = None, overrides: dict | None = None) -> "Acquisition":
+        """The default style's draw for ``seed``, then a style's ``overrides`` (see
+        :func:`tme_pipeline.synth.style.draw_style`) and autofluorescence scale."""
         rng = np.random.default_rng([seed, 505])
         c = len(MARKERS)
         spill = np.eye(c)
@@ -63,11 +66,20 @@ class Acquisition:
         for a, b in zip(order[:-1], order[1:]):
             spill[b, a] = round(float(rng.uniform(0.03, 0.06)), 4)  # into the redder neighbour
             spill[a, b] = round(float(rng.uniform(0.01, 0.025)), 4)
-        return cls(gain=np.round(rng.lognormal(0.0, 0.15, c), 4),
-                   offset=np.round(rng.uniform(150, 400, c)),
-                   spill=spill,
-                   af_strength=np.array([_AF_STRENGTH[m] for m in MARKERS]),
-                   psf_sigma_um=round(float(rng.uniform(0.6, 0.8)), 3))
+        acq = cls(gain=np.round(rng.lognormal(0.0, 0.15, c), 4),
+                  offset=np.round(rng.uniform(150, 400, c)),
+                  spill=spill,
+                  af_strength=np.array([_AF_STRENGTH[m] for m in MARKERS]),
+                  psf_sigma_um=round(float(rng.uniform(0.6, 0.8)), 3))
+        if not overrides:
+            return acq
+        spill = np.eye(c)
+        for k, (a, b) in enumerate(zip(order[:-1], order[1:])):
+            spill[b, a], spill[a, b] = overrides["spill_red"][k], overrides["spill_blue"][k]
+        return cls(gain=overrides["gain"], offset=overrides["offset"], spill=spill,
+                   af_strength=np.round(acq.af_strength * np.asarray(look.af_scale), 4),
+                   psf_sigma_um=overrides["psf_sigma_um"], shot_k=overrides["shot_k"],
+                   read_sd=overrides["read_sd"])
 
     def to_dict(self) -> dict:
         return {"channels": list(MARKERS), "stain_gain": self.gain.tolist(), "offset": self.offset.tolist(),
@@ -90,6 +102,7 @@ class SlideScene:
     shape_px: tuple[int, int]
     seed: int
     fibrosis: float
+    look: SlideStyle = SlideStyle()
 
     @property
     def halo_px(self) -> int:
@@ -97,7 +110,8 @@ class SlideScene:
 
 
 def make_scene(layout: Layout, cells: pd.DataFrame, artefacts: dict, acq: Acquisition, *,
-               pixel_um: float, shape_px: tuple[int, int], seed: int, fibrosis: float) -> SlideScene:
+               pixel_um: float, shape_px: tuple[int, int], seed: int, fibrosis: float,
+               look: SlideStyle | None = None) -> SlideScene:
     """Bundle the slide description for block rendering."""
     n = len(cells)
     if n and not np.array_equal(cells["cell_id"].to_numpy(), np.arange(1, n + 1)):
@@ -114,7 +128,7 @@ def make_scene(layout: Layout, cells: pd.DataFrame, artefacts: dict, acq: Acquis
     cell_af = np.zeros(n + 1, np.float32)
     cell_af[1:] = cells["cell_type"].astype(str).map(lambda t: af_by_type.get(t, 30.0)).to_numpy(np.float32)
     return SlideScene(layout, CellGeometry.from_table(cells, pixel_um), levels, diffuse, cell_af, artefacts, acq,
-                      pixel_um, shape_px, seed, fibrosis)
+                      pixel_um, shape_px, seed, fibrosis, look or SlideStyle())
 
 
 def tile_noise(window: tuple[int, int, int, int], *, seed: int, stream: int, channels: int = 0) -> np.ndarray:
@@ -221,12 +235,18 @@ def render_block(scene: SlideScene, window: tuple[int, int, int, int]) -> np.nda
     ext = (y0 - hal, y1 + hal, x0 - hal, x1 + hal)
     acq = scene.acq
     owner, v = rasterize(scene.geom, ext)
-    chrom = _smooth_noise(ext, seed=scene.seed, stream=1, sigma_px=0.5 / scene.pixel_um)
+    chrom = _smooth_noise(ext, seed=scene.seed, stream=1, sigma_px=scene.look.chromatin_um / scene.pixel_um)
     stain = _stains(scene, ext, owner, v, chrom)
     stain *= acq.gain.astype(np.float32)[:, None, None]
     af = _autofluorescence(scene, ext, owner, v, chrom)
     for k in range(len(MARKERS)):
         stain[k] += np.float32(acq.af_strength[k]) * af
+    if scene.look.rbc_green_yellow > 0:
+        # Haem autofluorescence peaks in the green-yellow: red cells glare in Opal 520 and 570.
+        rbc = _red_cells(scene, ext)
+        for m in ("CD3", "FOXP3"):
+            k = MARKERS.index(m)
+            stain[k] += np.float32(acq.af_strength[k] * scene.look.rbc_green_yellow) * rbc
     mixed = np.tensordot(acq.spill.astype(np.float32), stain, axes=1)
     del stain, af
     sig = np.float32(acq.psf_sigma_um / scene.pixel_um)
@@ -248,7 +268,7 @@ def _stains(scene: SlideScene, ext, owner: np.ndarray, v: np.ndarray, chrom: np.
     # Membrane: a ~1.6 µm ring peaking 0.6 µm inside the cell boundary, over a faint cytoplasm.
     ring = np.clip(1.0 - np.abs(v - (cyto[owner] - np.float32(0.6 / pu))) / np.float32(0.8 / pu), 0, 1)
     mem = np.where(has, ring + np.float32(0.15) * (v >= 0), 0).astype(np.float32)
-    nuc = np.where(has & (v < 0), np.clip(1.0 + 0.3 * chrom, 0.25, 2.0), 0).astype(np.float32)
+    nuc = np.where(has & (v < 0), np.clip(1.0 + scene.look.chromatin_amp * chrom, 0.25, 2.0), 0).astype(np.float32)
     diffuse_w = np.where(has, np.float32(0.6) + np.float32(0.4) * (v < 0), 0).astype(np.float32)
     stain = np.empty((len(MARKERS),) + owner.shape, np.float32)
     for k, m in enumerate(MARKERS):
@@ -273,12 +293,18 @@ def _autofluorescence(scene: SlideScene, ext, owner: np.ndarray, v: np.ndarray, 
     soft = _coarse_lookup(scene.layout, ext, pu)  # tissue, stroma, necrosis, af modulation
     # Elastin/collagen: zero crossings of a smooth field give long, gently curving fibres.
     fib = _smooth_noise(ext, seed=scene.seed, stream=2, sigma_px=4.0 / pu)
-    fibres = np.exp(-(fib / np.float32(0.08)) ** 2) * soft[1] * np.float32(0.6 + scene.fibrosis)
+    fibres = np.exp(-(fib / np.float32(0.08)) ** 2) * soft[1] * np.float32((0.6 + scene.fibrosis) * scene.look.collagen_scale)
     # Necrosis: granular, patchy autofluorescence rather than a flat glow.
     necro = soft[2] * np.clip(0.55 + 0.25 * fib + 0.35 * chrom, 0.1, None)
-    art = scene.artefacts
-    rbc = art["kind"] == 0
     return (soft[0] * soft[3] * 70.0 + fibres * 380.0 + necro * 300.0
             + np.where((owner > 0) & (v >= 0), scene.cell_af[owner], 0)
-            + splat_discs(art["x_um"][rbc] / pu, art["y_um"][rbc] / pu, art["r_um"][rbc] / pu,
-                          art["amp"][rbc], ext, ring=0.5)).astype(np.float32)
+            + _red_cells(scene, ext)).astype(np.float32)
+
+
+def _red_cells(scene: SlideScene, ext) -> np.ndarray:
+    """Broad-band autofluorescence of the red blood cells, biconcave discs: (H, W) float32."""
+    pu = scene.pixel_um
+    art = scene.artefacts
+    rbc = art["kind"] == 0
+    return splat_discs(art["x_um"][rbc] / pu, art["y_um"][rbc] / pu, art["r_um"][rbc] / pu,
+                       art["amp"][rbc], ext, ring=0.5)

@@ -15,6 +15,7 @@ from .cells import MARKERS, make_artefacts, make_cells
 from .condition import SlideCondition
 from .layout import Layout, make_layout
 from .render import Acquisition, make_scene, render_block
+from .style import check_style, draw_style
 from .truth import SlideTruth, compute_metrics, tls_table, write_truth
 from .write import release_free_memory, write_pyramid
 
@@ -26,7 +27,8 @@ CROP_PX = 1024
 
 def synth_slide(path: str | Path, *, size_mm: tuple[float, float] = (2.0, 1.5), seed: int = 0,
                 pixel_um: float = 0.5, condition: SlideCondition | None = None, block_px: int = 1024,
-                truth_dir: str | Path | None = None, gain_scale: float = 1.0) -> SlideTruth:
+                truth_dir: str | Path | None = None, gain_scale: float = 1.0,
+                style: str = "default") -> SlideTruth:
     """Write one synthetic pyramidal OME-TIFF slide and return its ground truth.
 
     Parameters
@@ -42,6 +44,9 @@ def synth_slide(path: str | Path, *, size_mm: tuple[float, float] = (2.0, 1.5), 
     gain_scale : every channel's stain gain is multiplied by this (the same slide
         stained or scanned brighter or dimmer: a batch-effect test); cells, layout
         and noise draws are unchanged.
+    style : one of :data:`tme_pipeline.synth.style.STYLES`: ``"default"`` (the look we
+        train on) or ``"external_lab"`` (another lab's look, drawn per slide from wider
+        priors; for validation). Recorded in truth.json under ``style``.
 
     Returns
     -------
@@ -55,23 +60,26 @@ def synth_slide(path: str | Path, *, size_mm: tuple[float, float] = (2.0, 1.5), 
     """
     if size_mm[0] <= 0 or size_mm[1] <= 0 or pixel_um <= 0:
         raise ValueError(f"{path}: size_mm and pixel_um must be positive, got {size_mm}, {pixel_um}")
+    check_style(style, str(path))
     condition = condition or SlideCondition()
+    look, acq_overrides = draw_style(style, seed=seed)
     t0 = time.perf_counter()
     w_px, h_px = int(round(size_mm[0] * 1000 / pixel_um)), int(round(size_mm[1] * 1000 / pixel_um))
     layout = make_layout(size_mm, condition=condition, seed=seed)
-    cells = make_cells(layout, condition, seed=seed)
+    cells = make_cells(layout, condition, seed=seed, look=look)
     layout = layout.for_rendering()
-    artefacts = make_artefacts(layout, seed=seed)
+    artefacts = make_artefacts(layout, seed=seed, debris_scale=look.debris_scale)
     if not gain_scale > 0:
         raise ValueError(f"{path}: gain_scale must be positive, got {gain_scale}")
-    acq = Acquisition.draw(seed=seed)
+    acq = Acquisition.draw(seed=seed, look=look, overrides=acq_overrides)
     if gain_scale != 1.0:
         acq = dataclasses.replace(acq, gain=np.round(acq.gain * gain_scale, 6))
     release_free_memory()  # the generation's temporaries, before the long rendering phase
     t1 = time.perf_counter()
     scene = make_scene(layout, cells, artefacts, acq, pixel_um=pixel_um, shape_px=(h_px, w_px), seed=seed,
-                       fibrosis=condition.fibrosis)
-    uuid_seed = f"{seed}:{size_mm}:{pixel_um}:{condition}" + (f":{gain_scale}" if gain_scale != 1.0 else "")
+                       fibrosis=condition.fibrosis, look=look)
+    uuid_seed = f"{seed}:{size_mm}:{pixel_um}:{condition}" + (f":{gain_scale}" if gain_scale != 1.0 else "") \
+        + (f":{style}" if style != "default" else "")
     write_pyramid(path, lambda win: render_block(scene, win), shape=(h_px, w_px), channel_names=list(MARKERS),
                   pixel_um=pixel_um, block_px=block_px, uuid_seed=uuid_seed)
     t2 = time.perf_counter()
@@ -82,7 +90,7 @@ def synth_slide(path: str | Path, *, size_mm: tuple[float, float] = (2.0, 1.5), 
             "condition": dataclasses.asdict(condition), "response": condition.response,
             "timepoint": condition.timepoint, "acquisition": acq.to_dict(),
             "crop": {"y0": crop[0], "x0": crop[1], "size": crop[2]},
-            "region_um": layout.coarse_um, "n_cells": len(cells)}
+            "region_um": layout.coarse_um, "n_cells": len(cells), "style": look.to_dict()}
     masks = layout.masks
     metrics = compute_metrics(cells, masks, layout.coarse_um, tls)
     truth = SlideTruth(cells, tls, masks, layout.coarse_um, {r: metrics[f"area_{r}_mm2"] for r in masks},
