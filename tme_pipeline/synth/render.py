@@ -234,9 +234,9 @@ def render_block(scene: SlideScene, window: tuple[int, int, int, int]) -> np.nda
     hal = scene.halo_px
     ext = (y0 - hal, y1 + hal, x0 - hal, x1 + hal)
     acq = scene.acq
-    owner, v = rasterize(scene.geom, ext)
+    owner, v, cover = rasterize(scene.geom, ext, weights=scene.levels[MARKERS.index("DAPI")])
     chrom = _smooth_noise(ext, seed=scene.seed, stream=1, sigma_px=scene.look.chromatin_um / scene.pixel_um)
-    stain = _stains(scene, ext, owner, v, chrom)
+    stain = _stains(scene, ext, owner, v, chrom, cover)
     stain *= acq.gain.astype(np.float32)[:, None, None]
     af = _autofluorescence(scene, ext, owner, v, chrom)
     for k in range(len(MARKERS)):
@@ -259,8 +259,13 @@ def render_block(scene: SlideScene, window: tuple[int, int, int, int]) -> np.nda
     return np.clip(np.rint(out), 0, 65535).astype(np.uint16)
 
 
-def _stains(scene: SlideScene, ext, owner: np.ndarray, v: np.ndarray, chrom: np.ndarray) -> np.ndarray:
-    """Specific stain per channel before gain: (C, H, W) float32 on the haloed window."""
+def _stains(scene: SlideScene, ext, owner: np.ndarray, v: np.ndarray, chrom: np.ndarray,
+            dapi_cover: np.ndarray) -> np.ndarray:
+    """Specific stain per channel before gain: (C, H, W) float32 on the haloed window.
+
+    DAPI is the sum over every nucleus covering a pixel (``dapi_cover``), so where nuclei
+    overlap their chromatin adds up and the overlap is brighter.
+    """
     pu = scene.pixel_um
     has = owner > 0
     cyto = np.zeros(scene.levels.shape[1], np.float32)
@@ -272,7 +277,9 @@ def _stains(scene: SlideScene, ext, owner: np.ndarray, v: np.ndarray, chrom: np.
     diffuse_w = np.where(has, np.float32(0.6) + np.float32(0.4) * (v < 0), 0).astype(np.float32)
     stain = np.empty((len(MARKERS),) + owner.shape, np.float32)
     for k, m in enumerate(MARKERS):
-        if m == "DAPI" or m in NUCLEAR_MARKERS:
+        if m == "DAPI":
+            stain[k] = dapi_cover * nuc
+        elif m in NUCLEAR_MARKERS:
             stain[k] = scene.levels[k][owner] * nuc
         elif m in MEMBRANE_MARKERS:
             stain[k] = scene.levels[k][owner] * mem
