@@ -10,7 +10,7 @@ from skimage.measure import label as connected
 from blobs import make_nuclei
 from tme_pipeline.segment.classic import classic_threshold, segment_nuclei_classic
 from tme_pipeline.segment.metrics import match_labels
-from tme_pipeline.tiling import segment_tiled, tile_grid
+from tme_pipeline.tiling import box_slices, map_tiles, segment_tiled, tile_grid, window_box
 
 PIXEL_UM = 0.5
 
@@ -166,3 +166,44 @@ def test_writes_into_existing_group_array(tmp_path):
     segment = functools.partial(segment_nuclei_classic, pixel_um=PIXEL_UM, threshold=0.5)
     out = segment_tiled(da.from_array(image), segment, grid=grid, store=root["labels/nuclei"])
     assert out.n_objects == 1 and root["labels/nuclei/0"][105, 105] == 1
+
+
+def _window_report(*args):
+    *windows, tile, box = args
+    return tile.index, box, [np.asarray(w) for w in windows]
+
+
+def test_map_tiles_hands_each_tile_its_windows_of_every_array():
+    grid = tile_grid((10, 13), pixel_um=1.0, tile_um=4, overlap_um=1, max_object_um=1)
+    rng = np.random.default_rng(0)
+    stack, plane = rng.random((2, 10, 13)), rng.integers(0, 9, (10, 13))
+    arrays = [da.from_array(stack, chunks=(1, 3, 5)), da.from_array(plane, chunks=4)]
+    tasks = map_tiles(_window_report, arrays, grid=grid, margin_px=2)
+    assert len(tasks) == grid.n_tiles == 12
+    for tile, (index, box, (w_stack, w_plane)) in zip(grid.tiles, dask.compute(*tasks)):
+        y0, x0, y1, x1 = tile.core
+        assert index == tile.index
+        assert box == window_box(grid, tile, 2) == (max(y0 - 2, 0), max(x0 - 2, 0), min(y1 + 2, 10), min(x1 + 2, 13))
+        np.testing.assert_array_equal(w_stack, stack[:, box[0]:box[2], box[1]:box[3]])
+        np.testing.assert_array_equal(w_plane, plane[box_slices(box)])
+    # The overlap as margin gives the tiles' padded windows.
+    padded = dask.compute(*map_tiles(_window_report, arrays[1:], grid=grid, margin_px=grid.overlap_px))
+    assert [box for _, box, _ in padded] == [t.padded for t in grid.tiles]
+
+
+def test_map_tiles_reads_windows_inside_the_task():
+    # No slide chunk is a task of the outer graph, where it would wait in memory for every
+    # tile that shares it: each tile's graph is its one task.
+    grid = tile_grid((12, 12), pixel_um=1.0, tile_um=4, overlap_um=2, max_object_um=1)
+    image = da.ones((12, 12), chunks=3)
+    tasks = map_tiles(_window_report, [image], grid=grid, margin_px=2)
+    assert [len(dict(t.__dask_graph__())) for t in tasks] == [1] * grid.n_tiles
+    assert len({t.key for t in tasks}) == grid.n_tiles and all(t.key.startswith("_window_report-") for t in tasks)
+
+
+def test_map_tiles_refuses_an_array_off_the_grid():
+    grid = tile_grid((12, 12), pixel_um=1.0, tile_um=4, overlap_um=2, max_object_um=1)
+    with pytest.raises(ValueError, match=r"\(12, 11\).*grid's \(12, 12\)"):
+        map_tiles(_window_report, [da.zeros((12, 11))], grid=grid, margin_px=0)
+    with pytest.raises(ValueError, match="margin_px"):
+        map_tiles(_window_report, [da.zeros((12, 12))], grid=grid, margin_px=-1)

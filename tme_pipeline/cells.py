@@ -24,13 +24,11 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from .tiling import Tile, TileGrid, _output_array, _Window
+from .tiling import Box, Tile, TileGrid, label_array, map_tiles, output_array
 
 __all__ = ["expand_nuclei_tiled"]
 
 logger = logging.getLogger(__name__)
-
-Box = tuple[int, int, int, int]
 
 
 def expand_nuclei_tiled(
@@ -86,50 +84,19 @@ def expand_nuclei_tiled(
     """
     if not pixel_um > 0 or not expand_um >= 0:
         raise ValueError(f"need pixel_um > 0 and expand_um >= 0, got pixel_um={pixel_um}, expand_um={expand_um}")
-    nuclei = _as_dask(nuclei, grid)
-    out = _output_array(store, component, grid)
+    nuclei = label_array(nuclei, grid)
+    out = output_array(store, component, grid)
     expand_px = expand_um / pixel_um
     margin = math.ceil(expand_px) + 1
-    tasks = [
-        dask.delayed(_expand_tile, pure=False)(
-            _Window(nuclei[_slices(window_box(grid, tile, margin))]), tile, grid, expand_px, out, margin
-        )
-        for tile in grid.tiles
-    ]
-    dask.compute(*tasks)
+    dask.compute(*map_tiles(_expand_tile, [nuclei], grid=grid, margin_px=margin, args=(expand_px, out)))
     logger.info("expanded nuclei by %.2f µm into %s", expand_um, out.path or component)
     return out
 
 
-def window_box(grid: TileGrid, tile: Tile, margin_px: int) -> Box:
-    """``tile``'s core grown by `margin_px` on every side, clipped to the image; px."""
-    y0, x0, y1, x1 = tile.core
-    ny, nx = grid.shape_yx
-    return max(y0 - margin_px, 0), max(x0 - margin_px, 0), min(y1 + margin_px, ny), min(x1 + margin_px, nx)
-
-
-def _slices(box: Box) -> tuple[slice, slice]:
-    return slice(box[0], box[2]), slice(box[1], box[3])
-
-
-def _as_dask(labels, grid: TileGrid) -> da.Array:
-    """A (Y, X) integer label image as a dask array matching the grid."""
-    if isinstance(labels, zarr.Array):
-        labels = da.from_zarr(labels)
-    elif not isinstance(labels, da.Array):
-        labels = da.asarray(labels)
-    if labels.ndim != 2 or tuple(labels.shape) != grid.shape_yx or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(
-            f"need integer labels of the grid's shape {grid.shape_yx}, got {labels.dtype} {labels.shape}"
-        )
-    return labels
-
-
-def _expand_tile(window: _Window, tile: Tile, grid: TileGrid, expand_px: float, out, margin: int) -> None:
+def _expand_tile(labels: np.ndarray, tile: Tile, box: Box, expand_px: float, out) -> None:
     from skimage.segmentation import expand_labels
 
-    labels = window.read()
-    wy0, wx0 = window_box(grid, tile, margin)[:2]
+    wy0, wx0 = box[:2]
     y0, x0, y1, x1 = tile.core
     if labels.any() and expand_px > 0:
         labels = expand_labels(labels, distance=expand_px)

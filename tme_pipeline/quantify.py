@@ -37,8 +37,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from .cells import _as_dask, _slices, window_box
-from .tiling import Tile, TileGrid, _Window
+from .tiling import Tile, TileGrid, label_array, map_tiles
 
 __all__ = ["COMPARTMENT_LAYERS", "measure_cells", "perinuclear"]
 
@@ -160,20 +159,14 @@ def measure_cells(
     """
     image = image if isinstance(image, da.Array) else da.asarray(image)
     chans = _check(image, grid.shape_yx, markers, compartments, nuclear_channel, pixel_um, n_rays)
-    nuclei, cells = _as_dask(nuclei, grid), _as_dask(cells, grid)
+    nuclei, cells = label_array(nuclei, grid), label_array(cells, grid)
     pixels = image[chans]
     membrane_px = max(membrane_um / pixel_um, _MIN_RING_PX)
     guard = math.ceil(membrane_px)
     peri_px = perinuclear_um / pixel_um
     margin = grid.overlap_px + math.ceil(expand_um / pixel_um) + guard + 1
-    tasks = []
-    for tile in grid.tiles:
-        box = window_box(grid, tile, margin)
-        sl = _slices(box)
-        tasks.append(dask.delayed(_measure_tile, pure=False)(
-            _Window(nuclei[sl]), _Window(cells[sl]), _Window(pixels[(slice(None), *sl)]),
-            tile, box, grid.shape_yx, membrane_px, peri_px, guard, n_rays,
-        ))
+    tasks = map_tiles(_measure_tile, [nuclei, cells, pixels], grid=grid, margin_px=margin,
+                      args=(grid.shape_yx, membrane_px, peri_px, guard, n_rays))
     tables = [t for t in dask.compute(*tasks) if t.ids.size]
     table = _Table.concat(tables) if tables else _Table.empty(len(chans), n_rays)
     table = table.take(np.argsort(table.ids, kind="stable"))
@@ -204,9 +197,8 @@ def _check(image, shape_yx, markers, compartments, nuclear_channel, pixel_um, n_
     return chans
 
 
-def _measure_tile(nuc_w: _Window, cell_w: _Window, img_w: _Window, tile: Tile, box, shape_yx,
+def _measure_tile(nuc: np.ndarray, cell: np.ndarray, img: np.ndarray, tile: Tile, box, shape_yx,
                   membrane_px: float, peri_px: float, guard: int, n_rays: int) -> _Table:
-    nuc, cell, img = nuc_w.read(), cell_w.read(), img_w.read()
     ny, nx = shape_yx
     ids, inverse, count = np.unique(nuc.ravel(), return_inverse=True, return_counts=True)
     h, w = nuc.shape

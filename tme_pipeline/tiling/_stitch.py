@@ -1,6 +1,6 @@
-"""Tile grid, Dask orchestration of a per-tile segmenter, and stitching.
+"""Segment a slide tile by tile and stitch one label image.
 
-A slide is cut into square tile *cores* that partition it; each core is
+A slide is cut into square tile *cores* that partition it (``_grid.py``); each core is
 segmented inside a *padded* window (core + overlap on every side, clipped to
 the image). As in StarDist's ``predict_instances_big``, an object belongs to
 exactly the tile whose core contains its centre, and the overlap is larger
@@ -24,11 +24,10 @@ scheduler is active, does three small steps per tile:
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,103 +36,16 @@ import dask.array as da
 import numpy as np
 import zarr
 
-__all__ = ["StitchResult", "Tile", "TileGrid", "segment_tiled", "tile_grid"]
+from ._grid import Box, Tile, TileGrid
+from ._tasks import map_tiles, output_array
+
+__all__ = ["StitchResult", "segment_tiled"]
 
 logger = logging.getLogger(__name__)
-
-Box = tuple[int, int, int, int]
 
 # An object that keeps less than this share of its pixels after contested
 # pixels went to a lower tile is that tile's object seen twice: drop it.
 _MIN_KEPT_FRACTION = 0.5
-
-
-@dataclass(frozen=True)
-class Tile:
-    """One tile of a :class:`TileGrid`.
-
-    Attributes
-    ----------
-    index : int
-        Position in the grid, row-major; the order of global ids.
-    row, col : int
-        Grid row and column.
-    core : (int, int, int, int)
-        ``(y0, x0, y1, x1)`` in level-0 px, half-open; cores partition the image.
-    padded : (int, int, int, int)
-        ``(py0, px0, py1, px1)``: the core grown by the overlap, clipped to the image.
-    """
-
-    index: int
-    row: int
-    col: int
-    core: Box
-    padded: Box
-
-    @property
-    def core_slices(self) -> tuple[slice, slice]:
-        y0, x0, y1, x1 = self.core
-        return slice(y0, y1), slice(x0, x1)
-
-    @property
-    def padded_slices(self) -> tuple[slice, slice]:
-        y0, x0, y1, x1 = self.padded
-        return slice(y0, y1), slice(x0, x1)
-
-    @property
-    def padded_shape(self) -> tuple[int, int]:
-        y0, x0, y1, x1 = self.padded
-        return y1 - y0, x1 - x0
-
-
-@dataclass(frozen=True)
-class TileGrid:
-    """Square tiles with overlap covering a (Y, X) image.
-
-    Attributes
-    ----------
-    shape_yx : (int, int)
-        Image shape, px.
-    pixel_um : float
-        Pixel size, µm.
-    tile_px, overlap_px : int
-        Core side and overlap (per side), px.
-    grid_shape : (int, int)
-        Number of tile rows and columns.
-    tiles : tuple of Tile
-        Row-major.
-    """
-
-    shape_yx: tuple[int, int]
-    pixel_um: float
-    tile_px: int
-    overlap_px: int
-    grid_shape: tuple[int, int]
-    tiles: tuple[Tile, ...]
-
-    @property
-    def n_tiles(self) -> int:
-        return len(self.tiles)
-
-    @property
-    def window_px(self) -> tuple[int, int]:
-        """Largest padded window, px (Y, X)."""
-        side = self.tile_px + 2 * self.overlap_px
-        return min(side, self.shape_yx[0]), min(side, self.shape_yx[1])
-
-    def tiles_touching(self, box: Box) -> list[Tile]:
-        """Tiles whose padded window intersects `box` ``(y0, x0, y1, x1)``, by index."""
-        rows = self._range(box[0], box[2], self.grid_shape[0])
-        cols = self._range(box[1], box[3], self.grid_shape[1])
-        n_cols = self.grid_shape[1]
-        return [self.tiles[r * n_cols + c] for r in rows for c in cols]
-
-    def _range(self, lo: int, hi: int, n: int) -> range:
-        # Window of tile r spans [r*T - ov, (r+1)*T + ov).
-        t, ov = self.tile_px, self.overlap_px
-        first = max((lo - ov) // t, 0)
-        last = min((hi + ov - 1) // t, n - 1)
-        return range(first, last + 1)
 
 
 @dataclass(frozen=True)
@@ -154,80 +66,6 @@ class StitchResult:
     labels: zarr.Array
     n_objects: int
     centroids_yx_px: np.ndarray
-
-
-def tile_grid(
-    shape_yx: Sequence[int],
-    *,
-    pixel_um: float,
-    tile_um: float = 512.0,
-    overlap_um: float = 40.0,
-    max_object_um: float = 30.0,
-) -> TileGrid:
-    """Cut an image into square tile cores with overlapping padded windows.
-
-    Parameters
-    ----------
-    shape_yx : (int, int)
-        Image shape, px.
-    pixel_um : float
-        Pixel size, µm.
-    tile_um : float, optional
-        Core side, µm (rounded to whole px). Last row/column cores are smaller.
-    overlap_um : float, optional
-        Overlap added on each side of a core, µm (rounded up to whole px).
-    max_object_um : float, optional
-        Largest object diameter expected, µm (tumour nuclei reach ~16 µm). The
-        overlap must be at least this, so an object whose centre lies in a core
-        fits whole in that tile's window.
-
-    Returns
-    -------
-    TileGrid
-
-    Raises
-    ------
-    ValueError
-        If the overlap is smaller than `max_object_um` or larger than the tile.
-
-    Examples
-    --------
-    >>> g = tile_grid((1000, 600), pixel_um=0.5, tile_um=256.0, overlap_um=40.0)
-    >>> g.grid_shape, g.tiles[0].core, g.tiles[0].padded
-    ((2, 2), (0, 0, 512, 512), (0, 0, 592, 592))
-    """
-    ny, nx = (int(s) for s in shape_yx)
-    if ny <= 0 or nx <= 0:
-        raise ValueError(f"image shape must be positive, got {tuple(shape_yx)}")
-    if not pixel_um > 0 or not tile_um > 0 or not overlap_um >= 0:
-        raise ValueError(
-            f"pixel_um and tile_um must be positive and overlap_um >= 0, got "
-            f"pixel_um={pixel_um}, tile_um={tile_um}, overlap_um={overlap_um}"
-        )
-    if overlap_um < max_object_um:
-        raise ValueError(
-            f"overlap_um={overlap_um} is smaller than the largest object "
-            f"(max_object_um={max_object_um}): an object centred near a tile's edge "
-            f"would reach past its padded window and be cut at the seam; use "
-            f"overlap_um >= {max_object_um}"
-        )
-    tile_px = max(int(round(tile_um / pixel_um)), 1)
-    overlap_px = int(math.ceil(overlap_um / pixel_um - 1e-9))
-    if overlap_px > tile_px:
-        raise ValueError(
-            f"overlap_um={overlap_um} ({overlap_px} px) exceeds tile_um={tile_um} "
-            f"({tile_px} px): a window must not reach beyond its neighbouring tiles"
-        )
-    n_rows, n_cols = -(-ny // tile_px), -(-nx // tile_px)
-    tiles = []
-    for r in range(n_rows):
-        for c in range(n_cols):
-            y0, x0 = r * tile_px, c * tile_px
-            y1, x1 = min(y0 + tile_px, ny), min(x0 + tile_px, nx)
-            padded = (max(y0 - overlap_px, 0), max(x0 - overlap_px, 0),
-                      min(y1 + overlap_px, ny), min(x1 + overlap_px, nx))
-            tiles.append(Tile(len(tiles), r, c, (y0, x0, y1, x1), padded))
-    return TileGrid((ny, nx), float(pixel_um), tile_px, overlap_px, (n_rows, n_cols), tuple(tiles))
 
 
 @dataclass(frozen=True)
@@ -286,7 +124,7 @@ def segment_tiled(
         image = da.asarray(image)
     if image.ndim != 2 or tuple(image.shape) != grid.shape_yx:
         raise ValueError(f"image shape {image.shape} does not match the grid's {grid.shape_yx}")
-    out = _output_array(store, component, grid)
+    out = output_array(store, component, grid)
     stash_dir = Path(tempfile.mkdtemp(prefix=".tme-stash-", dir=_local_dir(out)))
     logger.info(
         "segmenting %d tiles of %d px (+%d px overlap), stash %s",
@@ -300,12 +138,8 @@ def segment_tiled(
             dtype="uint32",
             fill_value=0,
         )
-        owned = [
-            dask.delayed(_segment_and_stash, pure=False)(
-                _Window(image[tile.padded_slices]), tile, grid, segment_tile, stash
-            )
-            for tile in grid.tiles
-        ]
+        owned = map_tiles(_segment_and_stash, [image], grid=grid, margin_px=grid.overlap_px,
+                          args=(segment_tile, stash))
         keeps = []
         for tile in grid.tiles:
             earlier = [t.index for t in grid.tiles_touching(tile.padded) if t.index < tile.index]
@@ -331,49 +165,14 @@ def segment_tiled(
     return StitchResult(out, n_objects, centroids)
 
 
-def _output_array(store, component: str, grid: TileGrid) -> zarr.Array:
-    group = store if isinstance(store, zarr.Group) else zarr.open_group(store, mode="a")
-    if component in group:
-        arr = group[component]
-        if not isinstance(arr, zarr.Array) or tuple(arr.shape) != grid.shape_yx:
-            raise ValueError(
-                f"{component!r} in {group.store} is not a {grid.shape_yx} array: {arr}"
-            )
-        if not np.issubdtype(arr.dtype, np.integer) or any(grid.tile_px % c for c in arr.chunks):
-            raise ValueError(
-                f"{component!r} in {group.store}: need integer dtype and chunks dividing "
-                f"the tile ({grid.tile_px} px), got {arr.dtype} chunks {arr.chunks}"
-            )
-        return arr
-    return group.create_array(
-        component, shape=grid.shape_yx, chunks=(grid.tile_px, grid.tile_px),
-        dtype="uint32", fill_value=0,
-    )
-
-
 def _local_dir(arr: zarr.Array) -> str | None:
     """Folder next to the output store on disk, or None (system temp) for others."""
     root = getattr(arr.store, "root", None)
     return str(Path(root).parent) if root is not None else None
 
 
-class _Window:
-    """A tile's lazy window, opaque to the outer graph.
-
-    Read inside the task that segments it, so that a slide chunk is never held
-    in memory waiting for its other dependents: memory stays bounded by the
-    tiles in flight, however large the slide.
-    """
-
-    def __init__(self, array: da.Array) -> None:
-        self.array = array
-
-    def read(self) -> np.ndarray:
-        return np.asarray(self.array.compute(scheduler="synchronous"))
-
-
-def _segment_and_stash(window: _Window, tile: Tile, grid: TileGrid, segment_tile, stash) -> _Owned:
-    window = window.read()
+def _segment_and_stash(window: np.ndarray, tile: Tile, box: Box, segment_tile, stash) -> _Owned:
+    """Segment `tile`'s padded window (`box` = ``tile.padded``), stash its owned objects."""
     lab = np.asarray(segment_tile(window))
     if lab.shape != window.shape or not np.issubdtype(lab.dtype, np.integer):
         raise ValueError(
@@ -384,7 +183,7 @@ def _segment_and_stash(window: _Window, tile: Tile, grid: TileGrid, segment_tile
     h, w = lab.shape
     sum_y = np.bincount(inverse, weights=np.repeat(np.arange(h, dtype=np.float64), w))
     sum_x = np.bincount(inverse, weights=np.tile(np.arange(w, dtype=np.float64), h))
-    py0, px0 = tile.padded[:2]
+    py0, px0 = box[:2]
     cy = py0 + sum_y / area
     cx = px0 + sum_x / area
     # Round half up (not half to even) so the owner of a centre exactly on a
