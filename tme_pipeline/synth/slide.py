@@ -21,7 +21,7 @@ from .write import release_free_memory, write_pyramid
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: dense overlapping follicles, DAPI summed over overlaps, styles
 CROP_PX = 1024
 
 
