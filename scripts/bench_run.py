@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if not slide.exists():
             synth_slide(slide, size_mm=(width, height), seed=args.seed)
         (folder / "manifest.csv").write_text(f"patient_id,timepoint,slide\nP,pre,{slide.name}\n")
-        cmd = [tme, "run", str(folder / "manifest.csv"), "--out", str(folder / "out"), "--overwrite"]
+        cmd = [tme, "run", str(folder / "manifest.csv"), "--out", str(folder / "out"), "--force"]
         run = measure(cmd + (["--config", str(args.config)] if args.config else []))
         run_json = json.loads((folder / "out" / "run.json").read_text())
         record = run_json["slides"][0]

@@ -26,7 +26,7 @@ import tifffile
 import zarr
 
 from tme_pipeline.config import load_config
-from tme_pipeline.pipeline import segmentation_function
+from tme_pipeline.stages import segmentation_function
 from tme_pipeline.segment.metrics import match_labels, overlap_table
 from tme_pipeline.synth import synth_slide
 from tme_pipeline.tiling import segment_tiled, tile_grid

@@ -16,13 +16,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import zarr
 from skimage.io import imsave
 from skimage.segmentation import find_boundaries
 
 from tme_pipeline.config import load_config
 from tme_pipeline.io.slides import open_slide
 from tme_pipeline.panel import match_panel
+from tme_pipeline.results import SlideResults
 
 # marker -> RGB colour of its channel in the composite
 COLOURS = {
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     y0, x0 = max(cy - half, 0), max(cx - half, 0)
     window = (slice(y0, y0 + 2 * half), slice(x0, x0 + 2 * half))
     field = np.asarray(slide.levels[0][[panel.channels[m] for m in markers]][(slice(None), *window)].compute())
-    labels = np.asarray(zarr.open_group(str(args.slide_out / "labels.ome.zarr"), mode="r")["labels/nuclei/0"][window])
+    labels = np.asarray(SlideResults(args.slide_out.name, args.slide_out).labels("nuclei")[window])
 
     rgb = composite(field.astype(np.float32), markers)
     outlined = rgb.copy()

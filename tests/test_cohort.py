@@ -1,8 +1,5 @@
 """`tme run` end to end on small slides of every format, with bad slides in the batch."""
 
-import json
-
-import anndata as ad
 import numpy as np
 import pytest
 import zarr
@@ -10,6 +7,7 @@ import zarr
 from blobs import make_nuclei
 from slide_writers import write_ome_tiff, write_ome_zarr, write_plain_tiff, write_qptiff
 from tme_pipeline.cli import main
+from tme_pipeline.results import open_results
 from tme_pipeline.segment.metrics import match_labels
 
 NAMES = ["DAPI", "CD3", "CD8", "CD20", "CD21", "FOXP3", "PDL1", "SATB2"]
@@ -56,7 +54,7 @@ def cohort(tmp_path_factory):
 def test_bad_slides_recorded_and_batch_goes_on(cohort):
     root, _, code = cohort
     assert code == 1  # some slides failed
-    run = json.loads((root / "out" / "run.json").read_text())
+    run = open_results(root / "out").run
     status = {s["slide_id"]: s for s in run["slides"]}
     assert run["status"] == "complete"
     assert [status[k]["status"] for k in ("A_pre", "A_post", "B_pre", "B_post")] == ["done"] * 4
@@ -67,12 +65,16 @@ def test_bad_slides_recorded_and_batch_goes_on(cohort):
     assert [p.name for p in (root / "out" / "slides").iterdir() if p.name.startswith(".")] == []
     assert run["versions"]["numpy"] and run["config"]["channel_names"] == NAMES
     assert run["config_sha256"] and status["A_pre"]["timings"]["segment"] >= 0
-    assert {"expand", "measure"} <= set(status["A_pre"]["timings"])
+    assert list(status["A_pre"]["timings"]) == ["segment", "cells", "measure", "phenotype", "qc"]
+    assert status["A_pre"]["stages"] == {"ran": ["segment", "cells", "measure", "phenotype", "qc"], "reused": []}
+    assert status["A_pre"]["info"]["phenotyping"]["gates"]["CD8"]["gate"] > 0
 
 
 def test_every_format_gives_the_same_cells(cohort):
     root, truth, _ = cohort
-    tables = {k: ad.read_h5ad(root / "out" / "slides" / k / "cells.h5ad") for k in ("A_pre", "A_post", "B_pre", "B_post")}
+    results = open_results(root / "out")
+    assert results.slide_ids == ["A_pre", "A_post", "B_pre", "B_post"]
+    tables = {k: results.slide(k).cells() for k in ("A_pre", "A_post", "B_pre", "B_post")}
     reference = tables["A_pre"]
     assert reference.n_obs > 100
     for key, cells in tables.items():
@@ -92,15 +94,16 @@ def test_every_format_gives_the_same_cells(cohort):
 
 def test_labels_match_truth_and_are_ngff(cohort):
     root, truth, _ = cohort
-    group = zarr.open_group(str(root / "out" / "slides" / "A_pre" / "labels.ome.zarr"), mode="r")
-    labels = np.asarray(group["labels/nuclei/0"])
+    slide = open_results(root / "out").slide("A_pre")
+    group = zarr.open_group(str(slide.folder / "labels.ome.zarr"), mode="r")
+    labels = slide.labels("nuclei").compute()
     assert labels.shape == truth.shape
     stats = match_labels(truth, labels, iou_threshold=0.5)
     assert stats.f1 >= 0.9
     scale = group["labels/nuclei"].attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
     assert scale == [0.5, 0.5]
     assert group["labels"].attrs["labels"] == ["nuclei", "cells"]
-    cells = np.asarray(group["labels/cells/0"])
+    cells = slide.labels("cells").compute()
     np.testing.assert_array_equal(cells[labels > 0], labels[labels > 0])
 
 
@@ -108,11 +111,14 @@ def test_rerun_skips_complete_and_redoes_partial(cohort):
     root, _, _ = cohort
     out = root / "out"
     before = (out / "slides" / "A_pre" / "cells.h5ad").stat().st_mtime_ns
+    gates = open_results(out).record("A_pre")["info"]["phenotyping"]["gates"]
     (out / "slides" / ".B_pre.partial").mkdir()  # an interrupted run's leftovers
     code = main(["run", str(root / "manifest.csv"), "--out", str(out), "--config", str(root / "plain.yaml")])
     assert code == 1
-    run = json.loads((out / "run.json").read_text())
-    status = {s["slide_id"]: s["status"] for s in run["slides"]}
+    results = open_results(out)
+    status = {s["slide_id"]: s["status"] for s in results.run["slides"]}
     assert status["A_pre"] == "skipped" and status["C_pre"] == "error"
+    assert results.record("A_pre")["stages"]["reused"] == ["segment", "cells", "measure", "phenotype", "qc"]
+    assert results.record("A_pre")["info"]["phenotyping"]["gates"] == gates  # a reused stage's gates are kept
     assert (out / "slides" / "A_pre" / "cells.h5ad").stat().st_mtime_ns == before
     assert not (out / "slides" / ".B_pre.partial").exists()

@@ -10,7 +10,7 @@ import zarr
 
 from tme_pipeline.cohort import run_cohort
 from tme_pipeline.config import load_config
-from tme_pipeline.pipeline import segmentation_function
+from tme_pipeline.stages import segmentation_function
 from tme_pipeline.segment.metrics import match_labels
 from tme_pipeline.segment.registry import model_folder
 from tme_pipeline.segment.weights import load_model

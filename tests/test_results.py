@@ -2,16 +2,26 @@ import json
 
 import pytest
 
-from tme_pipeline.io.results import is_complete, partial_dir, remove_stale_partials, write_json
+from tme_pipeline.io.results import partial_dir, remove_stale_partials, write_json
 
 
 def test_folder_appears_only_on_success(tmp_path):
     final = tmp_path / "slides" / "S1"
     with partial_dir(final) as tmp:
         (tmp / "cells.h5ad").write_text("x")
-        assert not is_complete(final)
+        assert not final.exists()
         assert tmp.name.startswith(".") and tmp.parent == final.parent
-    assert is_complete(final) and (final / "cells.h5ad").read_text() == "x"
+    assert (final / "cells.h5ad").read_text() == "x"
+
+
+def test_success_replaces_previous_whole(tmp_path):
+    final = tmp_path / "S1"
+    final.mkdir()
+    (final / "old.txt").write_text("previous result")
+    with partial_dir(final) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["S1"]
 
 
 def test_failure_leaves_nothing_and_keeps_previous(tmp_path):

@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .lock import OutputInUse
+
 __all__ = ["main"]
 
 log = logging.getLogger("tme_pipeline")
@@ -50,7 +52,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_segment(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .segment.segment_file import segment_file
+    from .segment_command import segment_file
 
     config = _with_overrides(load_config(args.config), method=args.method, model=args.model, device=args.device)
     n = segment_file(args.image, args.out, config=config, channel=args.channel, pixel_um=args.pixel_um)
@@ -81,11 +83,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config_path=args.config,
         scheduler=args.scheduler,
         pixel_um=args.pixel_um,
-        overwrite=args.overwrite,
+        force=args.force,
+        force_from=args.from_stage,
     )
     for slide in result.slides:
         detail = f"{slide.n_nuclei} nuclei" if slide.n_nuclei is not None else slide.error
         print(f"{slide.slide_id:<24} {slide.status:<8} {detail}")
+    for slide in result.slides:
+        if slide.status != "error":
+            print(f"{slide.slide_id}: reused {', '.join(slide.reused) or 'nothing'}; "
+                  f"ran {', '.join(slide.ran) or 'nothing'}")
     print(f"outputs in {result.out}  (provenance: {result.out / 'run.json'})")
     if result.n_failed:
         print(f"{result.n_failed} slide(s) failed: see run.json", file=sys.stderr)
@@ -130,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default=None, help="threads | processes | local-cluster | tcp://host:port")
     p.add_argument("--pixel-um", type=float, default=None, help="pixel size (µm) for slides without one")
     p.add_argument("--device", default=None, help="StarDist device: auto | cpu | cuda | cuda:N")
-    p.add_argument("--overwrite", action="store_true", help="redo slides that are already complete")
+    p.add_argument("--force", action="store_true", help="recompute every stage, even those up to date")
+    p.add_argument("--from", dest="from_stage", default=None, metavar="STAGE",
+                   help="recompute from this stage on (segment, cells, measure, phenotype, qc)")
     p.set_defaults(func=_cmd_run)
     return parser
 
@@ -142,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, OutputInUse) as error:
         print(f"tme {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -12,9 +13,12 @@ from pathlib import Path
 from .config import Config, load_config
 from .io.manifest import Manifest, read_manifest
 from .io.results import remove_stale_partials, write_json
+from .lock import output_lock
 from .parallel import dask_scheduler
 from .pipeline import SlideResult, run_slide
 from .provenance import provenance
+from .results import RUN_JSON, SLIDES_DIR, slide_folder
+from .stages import STAGES, Stage, check_stages
 
 __all__ = ["CohortResult", "run_cohort"]
 
@@ -40,13 +44,18 @@ def run_cohort(
     config_path: str | Path | None = None,
     scheduler: str | None = None,
     pixel_um: float | None = None,
-    overwrite: bool = False,
+    force: bool = False,
+    force_from: str | None = None,
+    stages: Sequence[Stage] = STAGES,
 ) -> CohortResult:
     """Run the pipeline on every slide of a manifest and write ``OUT/run.json``.
 
-    Slides whose folder is already complete are skipped (unless ``overwrite``);
-    folders an interrupted run left half-written are redone. A slide that fails is
-    recorded with its error in ``run.json`` and the batch goes on.
+    Each slide's stages whose record in ``stages.json`` no longer matches the config and
+    code are recomputed, with every stage downstream of them; the others are reused.
+    Folders an interrupted run left half-written are removed and redone. The output
+    folder is locked for the whole run: a second run on it stops with
+    :class:`tme_pipeline.lock.OutputInUse`. A slide that fails is recorded with its error
+    in ``run.json`` and the batch goes on.
 
     Parameters
     ----------
@@ -62,8 +71,12 @@ def run_cohort(
         Overrides ``config.run.scheduler``.
     pixel_um : float, optional
         Pixel size (µm) for slides whose metadata and manifest row give none.
-    overwrite : bool
-        Redo complete slides.
+    force : bool
+        Recompute every stage of every slide.
+    force_from : str, optional
+        Recompute this stage and the stages after it on every slide.
+    stages : sequence of Stage
+        Defaults to :data:`tme_pipeline.stages.STAGES`.
 
     Returns
     -------
@@ -71,9 +84,21 @@ def run_cohort(
     """
     config = config or load_config(config_path)
     manifest = read_manifest(manifest_path, timepoints=config.timepoints)
+    check_stages(stages)
+    names = [s.name for s in stages]
+    if force_from is not None and force_from not in names:
+        raise ValueError(f"--from {force_from!r}: not a stage ({', '.join(names)})")
     out = Path(out)
-    slides_dir = out / "slides"
+    with output_lock(out):
+        return _run_locked(manifest, out, config, config_path, scheduler, pixel_um,
+                           force_from=names[0] if force else force_from, stages=stages)
+
+
+def _run_locked(manifest: Manifest, out: Path, config: Config, config_path, scheduler, pixel_um, *,
+                force_from: str | None, stages: Sequence[Stage]) -> CohortResult:
+    slides_dir = out / SLIDES_DIR
     slides_dir.mkdir(parents=True, exist_ok=True)
+    # Under the lock, every partial folder is an interrupted run's: no live run owns it.
     for stale in remove_stale_partials(slides_dir):
         log.warning("removed the partial output of an interrupted run: %s", stale)
 
@@ -91,11 +116,12 @@ def run_cohort(
             try:
                 result = run_slide(
                     row.path,
-                    slides_dir / row.slide_id,
+                    slide_folder(out, row.slide_id),
                     config=config,
                     slide_id=row.slide_id,
                     pixel_um=row.pixel_um or pixel_um,
-                    overwrite=overwrite,
+                    stages=stages,
+                    force_from=force_from,
                 )
             except Exception as error:  # one bad slide must not stop the batch
                 log.error("slide %s failed: %s", row.slide_id, error)
@@ -103,14 +129,14 @@ def run_cohort(
                 result = SlideResult(
                     slide_id=row.slide_id,
                     status="error",
-                    out_dir=slides_dir / row.slide_id,
+                    out_dir=slide_folder(out, row.slide_id),
                     seconds=round(time.perf_counter() - t0, 3),
                     error=f"{type(error).__name__}: {error}",
                 )
             results.append(result)
-            write_json(out / "run.json", _run_record(manifest, header, results, started, scheduler_info))
+            write_json(out / RUN_JSON, _run_record(manifest, header, results, started, scheduler_info))
     result = CohortResult(out=out, manifest=manifest, slides=tuple(results))
-    write_json(out / "run.json", _run_record(manifest, header, results, started, scheduler_info, done=True))
+    write_json(out / RUN_JSON, _run_record(manifest, header, results, started, scheduler_info, done=True))
     return result
 
 
@@ -140,6 +166,7 @@ def _run_record(
                 "error": r.error,
                 "n_nuclei": r.n_nuclei,
                 "seconds": r.seconds,
+                "stages": {"ran": list(r.ran), "reused": list(r.reused)},
                 "timings": r.timings,
                 "info": r.info,
             }

@@ -1,121 +1,123 @@
-"""One slide through every stage: open, segment tile by tile, stitch, grow cells, measure, write."""
+"""One slide through its stages, recomputing only the stale ones, into an atomically swapped folder."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import dask.array as da
-import numpy as np
-
-from .cells import expand_nuclei_tiled
 from .config import Config
-from .io.labels import create_labels_zarr, write_label_pyramid, write_overview_image
-from .io.results import is_complete, partial_dir
-from .io.slides import Slide, open_slide
-from .panel import PanelMatch, match_panel
-from .phenotype import phenotype_cells
-from .progress import progress
-from .quantify import measure_cells
-from .segment.classic import classic_threshold, segment_nuclei_classic
-from .tiling import segment_tiled, tile_grid
+from .io.results import partial_dir, write_json
+from .io.slides import open_slide
+from .panel import match_panel
+from .records import FORMAT, carry_files, read_records, stage_keys, stage_record, stale_stages
+from .results import STAGES_JSON
+from .stages import STAGES, SlideInputs, Stage, check_stages, slide_info
+from .tiling import tile_grid
 
-__all__ = ["SlideResult", "run_slide", "segmentation_function", "lowres_channel"]
+__all__ = ["SlideResult", "run_slide", "slide_inputs", "run_stages"]
 
 log = logging.getLogger(__name__)
-
-# The largest level used to estimate slide-wide statistics (threshold, later
-# normalisation percentiles): big enough to see nuclei, small enough to hold.
-_LOWRES_MAX_PX = 4096
 
 
 @dataclass(frozen=True)
 class SlideResult:
-    """What happened to one slide, as recorded in ``run.json``."""
+    """What happened to one slide, as recorded in ``run.json``.
+
+    ``status`` is ``"done"`` (some stage ran), ``"skipped"`` (every stage reused from an
+    earlier run) or ``"error"``; ``ran`` and ``reused`` name the stages, in order.
+    """
 
     slide_id: str
-    status: str  # "done", "skipped" (complete from an earlier run) or "error"
+    status: str
     out_dir: Path
     n_nuclei: int | None = None
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     info: dict[str, object] = field(default_factory=dict)
     error: str | None = None
+    ran: tuple[str, ...] = ()
+    reused: tuple[str, ...] = ()
 
 
-def lowres_channel(slide: Slide, channel: int, *, max_px: int = _LOWRES_MAX_PX) -> tuple[np.ndarray, float]:
-    """One channel at the finest pyramid level no larger than ``max_px`` on a side.
+def slide_inputs(
+    slide_path: str | Path, *, config: Config, slide_id: str, pixel_um: float | None = None
+) -> SlideInputs:
+    """Open a slide, match its channels to the panel and lay out its tile grid.
 
-    A slide without such a level is block-averaged from its smallest level, chunk by chunk.
-
-    Returns
-    -------
-    image : ndarray, shape (Y', X'), float32
-    pixel_um : float
-        Its pixel size (µm).
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        Naming the file and the slide: unreadable file, no pixel size, a panel marker missing.
     """
-    for index, level in enumerate(slide.levels):
-        if max(level.shape[1:]) <= max_px:
-            return np.asarray(level[channel].astype(np.float32).compute()), slide.level_pixel_um(index)
-    last = len(slide.levels) - 1
-    base = slide.levels[last][channel].astype(np.float32)
-    factor = int(np.ceil(max(base.shape) / max_px))
-    image = da.coarsen(np.mean, base, {0: factor, 1: factor}, trim_excess=True).compute()
-    return np.asarray(image), slide.level_pixel_um(last) * factor
+    slide = open_slide(slide_path, pixel_um=pixel_um)
+    if slide.format == "tiff" and config.channel_names is not None:
+        # plain TIFFs carry no channel names: the config's, in page order, apply
+        slide = open_slide(slide_path, pixel_um=pixel_um, channel_names=config.channel_names)
+    panel = match_panel(
+        slide.channel_names, config.panel, channel_map=config.channel_map, source=f"{slide.path} (slide {slide_id})"
+    )
+    seg = config.segmentation
+    grid = tile_grid(slide.shape_yx, pixel_um=slide.pixel_um, tile_um=seg.tile_um, overlap_um=seg.overlap_um)
+    return SlideInputs(slide=slide, slide_id=slide_id, config=config, nuclear_channel=panel.channels[seg.channel],
+                       grid=grid, panel=panel)
 
 
-def segmentation_function(config: Config, *, pixel_um: float, nuclear_lowres: np.ndarray):
-    """The per-tile nucleus segmenter the config asks for, with slide-wide parameters bound.
+def run_stages(
+    inputs: SlideInputs,
+    out_dir: str | Path,
+    *,
+    stages: Sequence[Stage] = STAGES,
+    force_from: str | None = None,
+) -> tuple[list[str], list[str], dict[str, dict]]:
+    """Bring a slide folder up to date: run the stale stages, reuse the others.
+
+    The new folder is built beside the old one (``.<name>.partial``): the reused stages'
+    files are hard-linked (else copied) in, the stale stages write theirs, then
+    ``stages.json``, and the folder is swapped in whole. Nothing is written when nothing
+    is stale.
 
     Parameters
     ----------
-    config : Config
-    pixel_um : float
-        Level-0 pixel size (µm).
-    nuclear_lowres : ndarray, shape (Y', X')
-        The nuclear channel at low resolution, for slide-wide statistics: one
-        threshold per slide, so that tiles agree at their seams.
+    inputs : SlideInputs
+    out_dir : str or Path
+        The slide's folder (``OUT/slides/<slide_id>``).
+    stages : sequence of Stage
+        In order; each stage's upstream comes before it.
+    force_from : str, optional
+        Recompute this stage and all after it.
 
     Returns
     -------
-    callable
-        Picklable; maps a padded tile (Y, X) to int32 labels.
+    ran, reused : list of str
+        Stage names.
+    records : dict
+        Stage name -> its ``stages.json`` entry (reused ones as recorded before).
     """
-    seg = config.segmentation
-    if seg.method == "stardist":
-        from .segment.predict import make_tile_segmenter, slide_norm
-        from .segment.registry import model_folder
-        from .segment.weights import load_model
-
-        settings = seg.stardist
-        model = load_model(model_folder(settings.model))
-        return make_tile_segmenter(
-            model,
-            pixel_um=pixel_um,
-            norm=slide_norm(nuclear_lowres, percentiles=model.config.norm_percentiles),
-            device=None if settings.device == "auto" else settings.device,
-            prob_thresh=settings.prob_thresh,
-            nms_thresh=settings.nms_thresh,
-            precision=None if settings.precision == "auto" else settings.precision,
-            batch_size=settings.batch_size,
-            n_threads=config.run.torch_threads,
-        )
-    if seg.method == "classic":
-        threshold = classic_threshold(nuclear_lowres)
-        params = seg.classic
-        return functools.partial(
-            segment_nuclei_classic,
-            pixel_um=pixel_um,
-            threshold=threshold,
-            sigma_um=params.sigma_um,
-            min_distance_um=params.min_distance_um,
-            min_area_um2=params.min_area_um2,
-            max_area_um2=params.max_area_um2,
-        )
-    raise ValueError(f"unknown segmentation method {seg.method!r}")
+    check_stages(stages)
+    out_dir = Path(out_dir)
+    keys = stage_keys(stages, inputs)
+    records = read_records(out_dir)
+    ran = stale_stages(stages, keys, records, out_dir, force_from=force_from)
+    reused = [s.name for s in stages if s.name not in ran]
+    records = {s.name: records[s.name] for s in stages if s.name in reused}
+    if not ran:
+        return ran, reused, records
+    with partial_dir(out_dir) as tmp:
+        carry_files(out_dir, tmp, [s for s in stages if s.name in reused], stages, ran)
+        for stage in stages:
+            if stage.name not in ran:
+                continue
+            start = time.perf_counter()
+            output = stage.run(inputs, tmp)
+            records[stage.name] = stage_record(stage, keys[stage.name], output, folder=tmp, stages=stages,
+                                               seconds=time.perf_counter() - start)
+            log.info("%s: %s done in %.1f s", inputs.slide_id, stage.name, records[stage.name]["seconds"])
+        write_json(tmp / STAGES_JSON, {"format": FORMAT, "slide_id": inputs.slide_id,
+                                       "stages": {s.name: records[s.name] for s in stages}})
+    return ran, reused, records
 
 
 def run_slide(
@@ -125,9 +127,11 @@ def run_slide(
     config: Config,
     slide_id: str | None = None,
     pixel_um: float | None = None,
-    overwrite: bool = False,
+    stages: Sequence[Stage] = STAGES,
+    force: bool = False,
+    force_from: str | None = None,
 ) -> SlideResult:
-    """Segment nuclei, grow them into cells and measure one slide, writing its folder atomically.
+    """Segment nuclei, grow them into cells, measure and phenotype one slide, recomputing only what is stale.
 
     Parameters
     ----------
@@ -135,14 +139,18 @@ def run_slide(
         Any format :func:`tme_pipeline.io.slides.open_slide` reads.
     out_dir : str or Path
         The slide's output folder (``OUT/slides/<slide_id>``); it appears only once
-        complete, with ``labels.ome.zarr`` and ``cells.h5ad``.
+        complete, and is replaced whole when a re-run changes it.
     config : Config
     slide_id : str, optional
         Defaults to the folder name of ``out_dir``.
     pixel_um : float, optional
         Level-0 pixel size (µm) when the file's metadata lacks it.
-    overwrite : bool
-        Redo a slide whose folder is already complete.
+    stages : sequence of Stage
+        Defaults to :data:`tme_pipeline.stages.STAGES`.
+    force : bool
+        Recompute every stage.
+    force_from : str, optional
+        Recompute this stage and every stage after it.
 
     Returns
     -------
@@ -151,117 +159,26 @@ def run_slide(
     """
     out_dir = Path(out_dir)
     slide_id = slide_id or out_dir.name
-    if is_complete(out_dir) and not overwrite:
-        return _skipped(slide_id, out_dir)
-
     start = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def lap(stage: str, since: float) -> float:
-        now = time.perf_counter()
-        timings[stage] = round(now - since, 3)
-        return now
-
-    slide = open_slide(slide_path, pixel_um=pixel_um)
-    if slide.format == "tiff" and config.channel_names is not None:
-        # plain TIFFs carry no channel names: the config's, in page order, apply
-        slide = open_slide(slide_path, pixel_um=pixel_um, channel_names=config.channel_names)
-    panel = match_panel(
-        slide.channel_names, config.panel, channel_map=config.channel_map, source=f"{slide.path} (slide {slide_id})"
-    )
-    seg = config.segmentation
-    nuclear_channel = panel.channels[seg.channel]
-    nuclear_lowres, lowres_um = lowres_channel(slide, nuclear_channel)
-    segment_tile = segmentation_function(config, pixel_um=slide.pixel_um, nuclear_lowres=nuclear_lowres)
-    t = lap("open_and_threshold", start)
-
-    grid = tile_grid(slide.shape_yx, pixel_um=slide.pixel_um, tile_um=seg.tile_um, overlap_um=seg.overlap_um)
-    with partial_dir(out_dir) as tmp:
-        labels_root = create_labels_zarr(
-            tmp / "labels.ome.zarr", shape_yx=slide.shape_yx, pixel_um=slide.pixel_um, chunk_px=grid.tile_px
-        )
-        with progress(f"{slide_id}: segmenting {grid.n_tiles} tiles"):
-            stitched = segment_tiled(
-                slide.levels[0][nuclear_channel], segment_tile, grid=grid, store=labels_root["labels/nuclei"], component="0"
-            )
-        t = lap("segment", t)
-        with progress(f"{slide_id}: growing cells in {grid.n_tiles} tiles"):
-            cell_labels = expand_nuclei_tiled(
-                stitched.labels, grid=grid, pixel_um=slide.pixel_um, expand_um=config.cells.expand_um,
-                store=labels_root["labels/cells"], component="0",
-            )
-        t = lap("expand", t)
-        write_label_pyramid(labels_root, "nuclei", pixel_um=slide.pixel_um)
-        write_label_pyramid(labels_root, "cells", pixel_um=slide.pixel_um)
-        write_overview_image(
-            labels_root, nuclear_lowres, pixel_um=lowres_um, channel_names=(slide.channel_names[nuclear_channel],)
-        )
-        t = lap("label_pyramid", t)
-
-        with progress(f"{slide_id}: measuring cells in {grid.n_tiles} tiles"):
-            cells = measure_cells(
-                stitched.labels, cell_labels, slide.levels[0], grid=grid, pixel_um=slide.pixel_um,
-                markers=panel.channels, compartments={m: config.panel[m].compartment for m in panel.channels},
-                nuclear_channel=nuclear_channel, expand_um=config.cells.expand_um,
-                membrane_um=config.cells.membrane_um, perinuclear_um=config.cells.perinuclear_um,
-                channel_names=slide.channel_names,
-            )
-        t = lap("measure", t)
-
-        typed = phenotype_cells(
-            cells, gating=config.gating, phenotypes=config.phenotypes, compensation=config.compensation,
-            slide_id=slide_id, skip_markers=panel.missing_optional, segmentation_markers=(seg.channel,),
-        )
-        _qc_plots(cells, tmp)
-        info = _slide_info(slide, panel, slide_id, int(cells.n_obs))
-        info["phenotyping"] = typed.to_json()
-        cells.uns["slide"] = {k: v for k, v in info.items() if k != "phenotyping"}
-        cells.write_h5ad(tmp / "cells.h5ad")
-        lap("phenotype", t)
+    inputs = slide_inputs(slide_path, config=config, slide_id=slide_id, pixel_um=pixel_um)
+    first = stages[0].name if force and stages else force_from
+    ran, reused, records = run_stages(inputs, out_dir, stages=stages, force_from=first)
+    n_nuclei = records.get("segment", {}).get("info", {}).get("n_nuclei")
+    info = slide_info(inputs, n_nuclei)
+    # A reused stage's summary (the gates and flags of phenotyping) is carried forward.
+    for record in records.values():
+        info.update({k: v for k, v in record.get("info", {}).items() if k not in ("n_nuclei", "n_cells")})
     seconds = round(time.perf_counter() - start, 3)
-    log.info("%s: %d cells in %.1f s", slide_id, cells.n_obs, seconds)
+    if ran:
+        log.info("%s: ran %s, reused %s in %.1f s", slide_id, ", ".join(ran), ", ".join(reused) or "nothing", seconds)
     return SlideResult(
         slide_id=slide_id,
-        status="done",
+        status="done" if ran else "skipped",
         out_dir=out_dir,
-        n_nuclei=int(cells.n_obs),
+        n_nuclei=n_nuclei,
         seconds=seconds,
-        timings=timings,
+        timings={name: records[name]["seconds"] for name in ran},
         info=info,
+        ran=tuple(ran),
+        reused=tuple(reused),
     )
-
-
-def _qc_plots(cells, folder: Path) -> None:
-    """The gating pictures a pathologist checks first (the report links them)."""
-    from .qc_plots import plot_cd3_cd8, plot_gates
-
-    plot_gates(cells, folder / "gates.png")
-    if {"CD3_pos", "CD8_pos"} <= set(cells.obs.columns):
-        plot_cd3_cd8(cells, folder / "cd3_cd8.png")
-
-
-def _slide_info(slide: Slide, panel: PanelMatch, slide_id: str, n_nuclei: int) -> dict[str, object]:
-    return {
-        "slide_id": slide_id,
-        "path": str(slide.path),
-        "format": slide.format,
-        "pixel_um": float(slide.pixel_um),
-        "shape_yx": [int(v) for v in slide.shape_yx],
-        "size_mm": [round(float(v), 4) for v in slide.size_mm],
-        "channels": list(slide.channel_names),
-        "markers": {m: slide.channel_names[c] for m, c in panel.channels.items()},
-        "missing_optional_markers": list(panel.missing_optional),
-        "n_nuclei": n_nuclei,
-    }
-
-
-def _skipped(slide_id: str, out_dir: Path) -> SlideResult:
-    import anndata as ad
-
-    cells = ad.read_h5ad(out_dir / "cells.h5ad", backed="r")
-    try:
-        info = dict(cells.uns.get("slide", {}))
-        n = int(cells.n_obs)
-    finally:
-        cells.file.close()
-    return SlideResult(slide_id=slide_id, status="skipped", out_dir=out_dir, n_nuclei=n, info=info)

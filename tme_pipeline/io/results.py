@@ -9,7 +9,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["partial_dir", "write_json", "is_complete", "remove_stale_partials"]
+__all__ = ["partial_dir", "write_json", "remove_stale_partials"]
 
 _PARTIAL = ".partial"
 
@@ -18,13 +18,12 @@ def _partial_name(final: Path) -> Path:
     return final.with_name(f".{final.name}{_PARTIAL}")
 
 
-def is_complete(folder: str | Path) -> bool:
-    """A slide folder is complete when it exists under its final name."""
-    return Path(folder).is_dir()
-
-
 def remove_stale_partials(parent: str | Path) -> list[Path]:
-    """Delete partial folders an interrupted run left behind; returns what was removed."""
+    """Delete partial folders an interrupted run left behind; returns what was removed.
+
+    Call it only while holding the output folder's lock (:func:`tme_pipeline.lock.output_lock`):
+    a live run's partial folders look the same.
+    """
     parent = Path(parent)
     removed = []
     if parent.is_dir():
@@ -40,22 +39,26 @@ def partial_dir(final: str | Path) -> Iterator[Path]:
     """Yield a hidden temporary folder that becomes ``final`` only if the block succeeds.
 
     On an exception the temporary folder is removed and ``final`` is left as it was;
-    on success an existing ``final`` is replaced.
+    on success an existing ``final`` is replaced: moved aside, the new one renamed in, the
+    old one deleted, so that no reader ever sees a half-deleted folder under ``final``.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _partial_name(final)
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    for leftover in (tmp, final.with_name(f".{final.name}.old{_PARTIAL}")):
+        if leftover.exists():
+            shutil.rmtree(leftover)
     tmp.mkdir()
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    old = final.with_name(f".{final.name}.old{_PARTIAL}")
     if final.exists():
-        shutil.rmtree(final)
+        os.replace(final, old)
     os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: str | Path, data: object) -> None:

@@ -8,7 +8,7 @@ from slide_writers import write_ome_tiff
 from tme_pipeline.cli import main
 from tme_pipeline.config import load_config
 from tme_pipeline.segment.metrics import match_labels
-from tme_pipeline.segment.segment_file import segment_file
+from tme_pipeline.segment_command import segment_file
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,9 @@
-"""Nuclei of one image file into a label TIFF: `tme segment` for users who want nuclei only."""
+"""Nuclei of one image file into a label TIFF: `tme segment`, the runner with one stage.
+
+The image goes through the same ``segment`` stage as `tme run` (same tiling, stitching and
+slide-wide normalisation), in a scratch slide folder, and its nucleus labels are then
+streamed into a tiled OME-TIFF.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,14 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 import tifffile
-import zarr
 
-from ..config import Config
-from ..io.slides import Slide, SlideError, open_slide
-from ..panel import normalise_name
+from .config import Config
+from .io.slides import Slide, SlideError, open_slide
+from .panel import normalise_name
+from .pipeline import run_stages
+from .results import SlideResults
+from .stages import STAGES, SlideInputs
+from .tiling import tile_grid
 
 __all__ = ["segment_file"]
 
@@ -90,35 +98,32 @@ def segment_file(
     int
         Number of nuclei.
     """
-    from ..pipeline import lowres_channel, segmentation_function
-    from ..tiling import segment_tiled, tile_grid
-
     image_path, out_path = Path(image_path), Path(out_path)
     if image_path.suffix.lower() in _PLAIN_IMAGE_SUFFIXES:
         slide = _open_plain_image(image_path, pixel_um)
     else:
         slide = open_slide(image_path, pixel_um=pixel_um)
-    index = _channel(slide, channel, config)
-    lowres, _ = lowres_channel(slide, index)
-    segment_tile = segmentation_function(config, pixel_um=slide.pixel_um, nuclear_lowres=lowres)
     seg = config.segmentation
-    grid = tile_grid(slide.shape_yx, pixel_um=slide.pixel_um, tile_um=seg.tile_um, overlap_um=seg.overlap_um)
-
+    inputs = SlideInputs(
+        slide=slide, slide_id=image_path.name, config=config, nuclear_channel=_channel(slide, channel, config),
+        grid=tile_grid(slide.shape_yx, pixel_um=slide.pixel_um, tile_um=seg.tile_um, overlap_um=seg.overlap_um),
+    )
     out_path.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".tme-segment-", dir=out_path.parent))
     try:
-        store = zarr.open_group(str(work / "labels.zarr"), mode="w")
-        result = segment_tiled(slide.levels[0][index], segment_tile, grid=grid, store=store, component="0")
+        folder = work / "slide"
+        _, _, records = run_stages(inputs, folder, stages=STAGES[:1])
+        n_nuclei = int(records["segment"]["info"]["n_nuclei"])
         tmp = out_path.with_name(f".{out_path.name}.partial")
-        _write_label_tiff(tmp, result.labels, pixel_um=slide.pixel_um)
+        _write_label_tiff(tmp, SlideResults(inputs.slide_id, folder).labels("nuclei"), pixel_um=slide.pixel_um)
         os.replace(tmp, out_path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    log.info("%s: %d nuclei -> %s", image_path, result.n_objects, out_path)
-    return int(result.n_objects)
+    log.info("%s: %d nuclei -> %s", image_path, n_nuclei, out_path)
+    return n_nuclei
 
 
-def _write_label_tiff(path: Path, labels: zarr.Array, *, pixel_um: float, tile: int = 512) -> None:
+def _write_label_tiff(path: Path, labels: da.Array, *, pixel_um: float, tile: int = 512) -> None:
     """Stream a zarr label array into a tiled OME-TIFF, one tile at a time."""
     height, width = labels.shape
 
@@ -126,7 +131,7 @@ def _write_label_tiff(path: Path, labels: zarr.Array, *, pixel_um: float, tile: 
         for y in range(0, height, tile):
             for x in range(0, width, tile):
                 block = np.zeros((tile, tile), dtype=np.uint32)
-                data = labels[y : y + tile, x : x + tile]
+                data = np.asarray(labels[y : y + tile, x : x + tile])
                 block[: data.shape[0], : data.shape[1]] = data
                 yield block
 

@@ -1,0 +1,184 @@
+"""The one reader of a results folder, and the one place that knows its layout.
+
+Layout of ``OUT`` (``tme run ... --out OUT``)::
+
+    OUT/run.json                    the run: versions, config, per-slide status and stages
+    OUT/.tme.lock                   held while a run writes OUT (:mod:`tme_pipeline.lock`)
+    OUT/slides/<slide_id>/          one folder per finished slide, swapped in whole
+      stages.json                   what each stage was computed from (:mod:`tme_pipeline.stages`)
+      labels.ome.zarr               NGFF labels ``nuclei`` and ``cells`` over a DAPI overview
+      measured.h5ad                 the measured cell table, before compensation and gating
+      cells.h5ad                    the phenotyped cell table users open
+      gates.png, cd3_cd8.png        gating pictures
+
+Everything else (the pipeline writing, the cohort tables, scripts, tests) takes these names
+from here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "RUN_JSON", "LOCK_FILE", "SLIDES_DIR", "STAGES_JSON", "LABELS", "MEASURED", "CELLS", "GATES_PNG",
+    "CD3_CD8_PNG", "Results", "SlideResults", "open_results", "slide_folder",
+]
+
+RUN_JSON = "run.json"
+LOCK_FILE = ".tme.lock"
+SLIDES_DIR = "slides"
+STAGES_JSON = "stages.json"
+LABELS = "labels.ome.zarr"
+MEASURED = "measured.h5ad"
+CELLS = "cells.h5ad"
+GATES_PNG = "gates.png"
+CD3_CD8_PNG = "cd3_cd8.png"
+
+
+def slide_folder(out: str | Path, slide_id: str) -> Path:
+    """``OUT/slides/<slide_id>``: where a slide's results live once complete."""
+    return Path(out) / SLIDES_DIR / slide_id
+
+
+@dataclass(frozen=True)
+class SlideResults:
+    """The results of one finished slide; every file is opened on demand.
+
+    Attributes
+    ----------
+    slide_id : str
+    folder : Path
+        ``OUT/slides/<slide_id>``.
+    """
+
+    slide_id: str
+    folder: Path
+
+    @property
+    def stages(self) -> dict:
+        """``stages.json``: per stage, its hash, inputs, files written, timings and warnings."""
+        return _read_json(self.folder / STAGES_JSON)
+
+    def cells(self, *, backed: bool = False):
+        """The phenotyped cell table (``cells.h5ad``) as AnnData; ``backed`` reads ``X`` lazily."""
+        return self._h5ad(CELLS, backed)
+
+    def measured(self, *, backed: bool = False):
+        """The measured table before compensation and gating (``measured.h5ad``) as AnnData."""
+        return self._h5ad(MEASURED, backed)
+
+    def labels(self, name: str = "nuclei", *, level: int = 0):
+        """A label image as a lazy dask array.
+
+        Parameters
+        ----------
+        name : {'nuclei', 'cells'}
+        level : int
+            Pyramid level; level ``k`` has pixels ``2**k`` times the slide's (µm in
+            ``cells.uns['pixel_um']``).
+
+        Returns
+        -------
+        dask.array.Array, shape (Y, X), uint32
+            Cell id = nucleus id = the row's ``obs['cell_id']``.
+        """
+        import dask.array as da
+        import zarr
+
+        path = self.folder / LABELS
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no label store in the results of slide {self.slide_id!r}")
+        group = zarr.open_group(str(path), mode="r")
+        key = f"labels/{name}/{level}"
+        if key not in group:
+            raise ValueError(f"{path}: slide {self.slide_id!r} has no label level {key!r}")
+        return da.from_zarr(group[key])
+
+    def _h5ad(self, name: str, backed: bool):
+        import anndata as ad
+
+        path = self.folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no {name} in the results of slide {self.slide_id!r}")
+        return ad.read_h5ad(path, backed="r" if backed else None)
+
+    def file(self, name: str) -> Path:
+        """Path of one file of the folder (a layout name of this module, e.g. ``GATES_PNG``)."""
+        return self.folder / name
+
+
+@dataclass(frozen=True)
+class Results:
+    """A results folder: the run record and the finished slides.
+
+    Attributes
+    ----------
+    out : Path
+    run : dict
+        ``run.json`` (empty when no run recorded one, e.g. a folder of slides only).
+    """
+
+    out: Path
+    run: dict
+
+    @property
+    def slide_ids(self) -> list[str]:
+        """Finished slides: those with a folder, in ``run.json`` order, then any others by name."""
+        folders = {p.name for p in (self.out / SLIDES_DIR).iterdir() if p.is_dir() and not p.name.startswith(".")} \
+            if (self.out / SLIDES_DIR).is_dir() else set()
+        recorded = [s["slide_id"] for s in self.run.get("slides", []) if s["slide_id"] in folders]
+        return recorded + sorted(folders - set(recorded))
+
+    def slide(self, slide_id: str) -> SlideResults:
+        """One finished slide's results; ``ValueError`` naming the finished ones if absent."""
+        folder = slide_folder(self.out, slide_id)
+        if not (folder / STAGES_JSON).is_file():
+            raise ValueError(f"{self.out}: no finished slide {slide_id!r} (finished: {', '.join(self.slide_ids) or 'none'})")
+        return SlideResults(slide_id, folder)
+
+    def slides(self) -> list[SlideResults]:
+        """Every finished slide."""
+        return [SlideResults(s, slide_folder(self.out, s)) for s in self.slide_ids]
+
+    def record(self, slide_id: str) -> dict:
+        """The slide's entry of ``run.json`` (status, stages ran and reused, gates, flags)."""
+        for entry in self.run.get("slides", []):
+            if entry["slide_id"] == slide_id:
+                return entry
+        raise ValueError(f"{self.out / RUN_JSON}: no slide {slide_id!r}")
+
+
+def open_results(out: str | Path) -> Results:
+    """Open the results folder of ``tme run ... --out OUT``.
+
+    Parameters
+    ----------
+    out : str or Path
+
+    Returns
+    -------
+    Results
+        ``results.slide("P01_pre").cells()`` is that slide's AnnData,
+        ``.labels("nuclei")`` its nucleus labels as a dask array.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``out`` is not a folder.
+    """
+    out = Path(out)
+    if not out.is_dir():
+        raise FileNotFoundError(f"{out}: no such results folder")
+    run_path = out / RUN_JSON
+    return Results(out=out, run=_read_json(run_path) if run_path.is_file() else {})
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON: {error}") from None

@@ -1,0 +1,378 @@
+"""The stages of a slide run: what each reads, computes and writes.
+
+A stage is a function ``(SlideInputs, folder) -> StageOutput`` that reads the files its
+upstream stages wrote in ``folder`` (through :class:`tme_pipeline.results.SlideResults`)
+and writes its own files there. It declares the config sections it reads, the files it
+writes and its upstream stages, so that the runner (:func:`tme_pipeline.pipeline.run_slide`)
+can tell from ``stages.json`` which stages a changed config makes stale, and start a re-run
+from the files of the stages before them:
+
+=========  =======================  ===================================  ==========
+stage      reads (config)           writes                               upstream
+=========  =======================  ===================================  ==========
+segment    segmentation,            labels.ome.zarr (nuclei, overview)   -
+           + the slide, its
+           nuclear channel and the
+           model's files
+cells      cells.expand_um          labels.ome.zarr/labels/cells         segment
+measure    cells, panel             measured.h5ad                        cells
+phenotype  gating, phenotypes,      cells.h5ad                           measure
+           compensation
+qc         -                        gates.png, cd3_cd8.png               phenotype
+=========  =======================  ===================================  ==========
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+
+from .config import Config
+from .io.slides import Slide
+from .panel import PanelMatch
+from .progress import progress
+from .results import CD3_CD8_PNG, CELLS, GATES_PNG, LABELS, MEASURED, SlideResults
+from .tiling import TileGrid
+
+__all__ = [
+    "Stage", "StageOutput", "SlideInputs", "STAGES", "check_stages", "lowres_channel", "segmentation_function",
+    "segment_stage", "cells_stage", "measure_stage", "phenotype_stage", "qc_stage",
+]
+
+# The largest level used to estimate slide-wide statistics (threshold, normalisation
+# percentiles): big enough to see nuclei, small enough to hold.
+_LOWRES_MAX_PX = 4096
+
+
+@dataclass(frozen=True)
+class SlideInputs:
+    """What every stage of one slide is given.
+
+    Attributes
+    ----------
+    slide : Slide
+        Opened lazily; stages read only the pixels they need.
+    slide_id : str
+    config : Config
+    nuclear_channel : int
+        Index of the channel nuclei are segmented on.
+    grid : TileGrid
+        The tile grid of every tiled stage (level-0 px).
+    panel : PanelMatch or None
+        Markers -> channel indices; ``None`` for a nuclei-only run (``tme segment``).
+    """
+
+    slide: Slide
+    slide_id: str
+    config: Config
+    nuclear_channel: int
+    grid: TileGrid
+    panel: PanelMatch | None = None
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """What a stage reports besides its files (kept in ``stages.json`` and ``run.json``).
+
+    info : JSON-serialisable summary (e.g. ``n_nuclei``; the gates and flags of phenotyping).
+    warnings : messages naming the slide, for a person to read.
+    """
+
+    info: Mapping[str, object] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One named step of a slide run.
+
+    Attributes
+    ----------
+    name : str
+    run : callable
+        ``(SlideInputs, folder: Path) -> StageOutput``; reads its upstream stages' files
+        in ``folder`` and writes ``writes`` there.
+    reads : tuple of str
+        Config sections it depends on, dotted (``"cells.expand_um"``).
+    writes : tuple of str
+        Paths relative to the slide folder; a path may lie inside another stage's folder
+        (``labels.ome.zarr/labels/cells``), and then belongs to this stage alone.
+    upstream : tuple of str
+        Stages whose files it reads; they come earlier in the stage list.
+    inputs : callable, optional
+        ``SlideInputs -> dict``: what else its result depends on (the slide file, the
+        model's files), as JSON for the record.
+    """
+
+    name: str
+    run: Callable[[SlideInputs, Path], StageOutput]
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    upstream: tuple[str, ...] = ()
+    inputs: Callable[[SlideInputs], dict] | None = None
+
+
+def check_stages(stages: Sequence[Stage]) -> None:
+    """``ValueError`` unless names are unique and every upstream stage comes earlier."""
+    seen: set[str] = set()
+    for stage in stages:
+        if stage.name in seen:
+            raise ValueError(f"stage {stage.name!r} is listed twice")
+        missing = [u for u in stage.upstream if u not in seen]
+        if missing:
+            raise ValueError(f"stage {stage.name!r} needs {missing}, which do not come before it")
+        seen.add(stage.name)
+
+
+def lowres_channel(slide: Slide, channel: int, *, max_px: int = _LOWRES_MAX_PX) -> tuple[np.ndarray, float]:
+    """One channel at the finest pyramid level no larger than ``max_px`` on a side.
+
+    A slide without such a level is block-averaged from its smallest level, chunk by chunk.
+
+    Returns
+    -------
+    image : ndarray, shape (Y', X'), float32
+    pixel_um : float
+        Its pixel size (µm).
+    """
+    for index, level in enumerate(slide.levels):
+        if max(level.shape[1:]) <= max_px:
+            return np.asarray(level[channel].astype(np.float32).compute()), slide.level_pixel_um(index)
+    last = len(slide.levels) - 1
+    base = slide.levels[last][channel].astype(np.float32)
+    factor = int(np.ceil(max(base.shape) / max_px))
+    image = da.coarsen(np.mean, base, {0: factor, 1: factor}, trim_excess=True).compute()
+    return np.asarray(image), slide.level_pixel_um(last) * factor
+
+
+def segmentation_function(config: Config, *, pixel_um: float, nuclear_lowres: np.ndarray):
+    """The per-tile nucleus segmenter the config asks for, with slide-wide parameters bound.
+
+    Parameters
+    ----------
+    config : Config
+    pixel_um : float
+        Level-0 pixel size (µm).
+    nuclear_lowres : ndarray, shape (Y', X')
+        The nuclear channel at low resolution, for slide-wide statistics: one
+        threshold per slide, so that tiles agree at their seams.
+
+    Returns
+    -------
+    callable
+        Picklable; maps a padded tile (Y, X) to int32 labels.
+    """
+    seg = config.segmentation
+    if seg.method == "stardist":
+        from .segment.predict import make_tile_segmenter, slide_norm
+        from .segment.registry import model_folder
+        from .segment.weights import load_model
+
+        settings = seg.stardist
+        model = load_model(model_folder(settings.model))
+        return make_tile_segmenter(
+            model,
+            pixel_um=pixel_um,
+            norm=slide_norm(nuclear_lowres, percentiles=model.config.norm_percentiles),
+            device=None if settings.device == "auto" else settings.device,
+            prob_thresh=settings.prob_thresh,
+            nms_thresh=settings.nms_thresh,
+            precision=None if settings.precision == "auto" else settings.precision,
+            batch_size=settings.batch_size,
+            n_threads=config.run.torch_threads,
+        )
+    if seg.method == "classic":
+        from .segment.classic import classic_threshold, segment_nuclei_classic
+
+        threshold = classic_threshold(nuclear_lowres)
+        params = seg.classic
+        return functools.partial(
+            segment_nuclei_classic,
+            pixel_um=pixel_um,
+            threshold=threshold,
+            sigma_um=params.sigma_um,
+            min_distance_um=params.min_distance_um,
+            min_area_um2=params.min_area_um2,
+            max_area_um2=params.max_area_um2,
+        )
+    raise ValueError(f"unknown segmentation method {seg.method!r}")
+
+
+def _segment_inputs(inputs: SlideInputs) -> dict:
+    """The slide file and, for StarDist, a digest of the model folder (weights and thresholds)."""
+    path = Path(inputs.slide.path)
+    stat = path.stat()
+    record = {"slide": {"name": path.name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns},
+              "nuclear_channel": inputs.nuclear_channel, "pixel_um": float(inputs.slide.pixel_um)}
+    seg = inputs.config.segmentation
+    if seg.method == "stardist":
+        from .segment.registry import model_folder
+
+        record["model_sha256"] = _folder_digest(model_folder(seg.stardist.model))
+    return record
+
+
+def _folder_digest(folder: Path) -> str:
+    """SHA-256 over every file of a model folder, names and contents, in name order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def segment_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
+    """Segment the nuclei tile by tile into ``labels.ome.zarr/labels/nuclei``.
+
+    Creates the label store (``nuclei`` and an empty ``cells``), the nuclei's
+    pyramid and the low-resolution overview of the nuclear channel.
+
+    Returns
+    -------
+    StageOutput
+        ``info['n_nuclei']``.
+    """
+    from .io.labels import create_labels_zarr, write_label_pyramid, write_overview_image
+    from .tiling import segment_tiled
+
+    slide, grid, channel = inputs.slide, inputs.grid, inputs.nuclear_channel
+    lowres, lowres_um = lowres_channel(slide, channel)
+    segment_tile = segmentation_function(inputs.config, pixel_um=slide.pixel_um, nuclear_lowres=lowres)
+    root = create_labels_zarr(folder / LABELS, shape_yx=slide.shape_yx, pixel_um=slide.pixel_um, chunk_px=grid.tile_px)
+    with progress(f"{inputs.slide_id}: segmenting {grid.n_tiles} tiles"):
+        stitched = segment_tiled(slide.levels[0][channel], segment_tile, grid=grid, store=root["labels/nuclei"])
+    write_label_pyramid(root, "nuclei", pixel_um=slide.pixel_um)
+    write_overview_image(root, lowres, pixel_um=lowres_um, channel_names=(slide.channel_names[channel],))
+    return StageOutput(info={"n_nuclei": int(stitched.n_objects)})
+
+
+def cells_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
+    """Grow every nucleus into its cell (``cells.expand_um``) into ``labels/cells``.
+
+    Reads ``labels/nuclei`` level 0; writes ``labels/cells`` and its pyramid.
+    """
+    import zarr
+
+    from .cells import expand_nuclei_tiled
+    from .io.labels import create_labels_zarr, write_label_pyramid
+
+    slide, grid = inputs.slide, inputs.grid
+    store = folder / LABELS
+    target = store / "labels" / "cells"
+    if not target.is_dir():
+        # A re-run that reuses the nuclei carries the store without the cells' group: make a
+        # fresh one exactly as the store's creator does, then move it in.
+        scratch = folder / ".cells.scratch.zarr"
+        create_labels_zarr(scratch, shape_yx=slide.shape_yx, pixel_um=slide.pixel_um, chunk_px=grid.tile_px,
+                           names=("cells",))
+        os.replace(scratch / "labels" / "cells", target)
+        shutil.rmtree(scratch)
+    root = zarr.open_group(str(store), mode="r+")
+    nuclei = SlideResults(inputs.slide_id, folder).labels("nuclei")
+    with progress(f"{inputs.slide_id}: growing cells in {grid.n_tiles} tiles"):
+        expand_nuclei_tiled(nuclei, grid=grid, pixel_um=slide.pixel_um, expand_um=inputs.config.cells.expand_um,
+                            store=root["labels/cells"], component="0")
+    write_label_pyramid(root, "cells", pixel_um=slide.pixel_um)
+    return StageOutput()
+
+
+def _panel(inputs: SlideInputs, stage: str) -> PanelMatch:
+    if inputs.panel is None:
+        raise ValueError(f"slide {inputs.slide_id!r}: stage {stage!r} needs the panel's markers; none were matched")
+    return inputs.panel
+
+
+def measure_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
+    """Measure every cell (areas µm², shape, intensities per compartment) into ``measured.h5ad``.
+
+    Reads the nuclei and cells labels and the slide's pixels; the table is raw (no
+    compensation, no gates), so that a change of gating starts from it.
+    """
+    from .quantify import measure_cells
+
+    slide, config, panel = inputs.slide, inputs.config, _panel(inputs, "measure")
+    results = SlideResults(inputs.slide_id, folder)
+    with progress(f"{inputs.slide_id}: measuring cells in {inputs.grid.n_tiles} tiles"):
+        cells = measure_cells(
+            results.labels("nuclei"), results.labels("cells"), slide.levels[0], grid=inputs.grid,
+            pixel_um=slide.pixel_um, markers=panel.channels,
+            compartments={m: config.panel[m].compartment for m in panel.channels},
+            nuclear_channel=inputs.nuclear_channel, expand_um=config.cells.expand_um,
+            membrane_um=config.cells.membrane_um, perinuclear_um=config.cells.perinuclear_um,
+            channel_names=slide.channel_names,
+        )
+    cells.write_h5ad(folder / MEASURED)
+    return StageOutput(info={"n_cells": int(cells.n_obs)})
+
+
+def slide_info(inputs: SlideInputs, n_nuclei: int | None) -> dict[str, object]:
+    """The slide's description for ``cells.uns['slide']`` and ``run.json``."""
+    slide, panel = inputs.slide, inputs.panel
+    return {
+        "slide_id": inputs.slide_id,
+        "path": str(slide.path),
+        "format": slide.format,
+        "pixel_um": float(slide.pixel_um),
+        "shape_yx": [int(v) for v in slide.shape_yx],
+        "size_mm": [round(float(v), 4) for v in slide.size_mm],
+        "channels": list(slide.channel_names),
+        "markers": {m: slide.channel_names[c] for m, c in panel.channels.items()} if panel else {},
+        "missing_optional_markers": list(panel.missing_optional) if panel else [],
+        "n_nuclei": n_nuclei,
+    }
+
+
+def phenotype_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
+    """Gate every marker and call phenotypes on ``measured.h5ad``; write ``cells.h5ad``.
+
+    Returns
+    -------
+    StageOutput
+        ``info['phenotyping']``: gates, flags, counts (:meth:`PhenotypeResult.to_json`);
+        the flags are also the warnings.
+    """
+    from .phenotype import phenotype_cells
+
+    config, panel = inputs.config, _panel(inputs, "phenotype")
+    cells = SlideResults(inputs.slide_id, folder).measured()
+    typed = phenotype_cells(
+        cells, gating=config.gating, phenotypes=config.phenotypes, compensation=config.compensation,
+        slide_id=inputs.slide_id, skip_markers=panel.missing_optional,
+        segmentation_markers=(config.segmentation.channel,),
+    )
+    cells.uns["slide"] = slide_info(inputs, int(cells.n_obs))
+    cells.write_h5ad(folder / CELLS)
+    return StageOutput(info={"phenotyping": typed.to_json()}, warnings=tuple(typed.flags))
+
+
+def qc_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
+    """The gating pictures a pathologist checks first: ``gates.png`` and, with CD3 and CD8, ``cd3_cd8.png``."""
+    from .qc_plots import plot_cd3_cd8, plot_gates
+
+    cells = SlideResults(inputs.slide_id, folder).cells()
+    plot_gates(cells, folder / GATES_PNG)
+    if {"CD3_pos", "CD8_pos"} <= set(cells.obs.columns):
+        plot_cd3_cd8(cells, folder / CD3_CD8_PNG)
+    return StageOutput()
+
+
+#: The stages of ``tme run``, in order.
+STAGES: tuple[Stage, ...] = (
+    Stage("segment", segment_stage, reads=("segmentation",), writes=(LABELS,), inputs=_segment_inputs),
+    Stage("cells", cells_stage, reads=("cells.expand_um",), writes=(f"{LABELS}/labels/cells",), upstream=("segment",)),
+    Stage("measure", measure_stage, reads=("cells", "panel", "channel_map", "channel_names"), writes=(MEASURED,),
+          upstream=("cells",), inputs=lambda inputs: {"markers": dict(_panel(inputs, "measure").channels)}),
+    Stage("phenotype", phenotype_stage, reads=("gating", "phenotypes", "compensation"), writes=(CELLS,),
+          upstream=("measure",)),
+    Stage("qc", qc_stage, reads=(), writes=(GATES_PNG, CD3_CD8_PNG), upstream=("phenotype",)),
+)
