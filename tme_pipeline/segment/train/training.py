@@ -110,7 +110,7 @@ def synthetic_images(
     Parameters
     ----------
     cache_dir : str or Path
-        Folder of ``s<seed>.ome.tif`` and ``s<seed>_truth/``; slides already
+        Folder of ``gen<version>_s<seed>_….ome.tif`` and their ``_truth/``; slides already
         there (complete truth) are read, not regenerated.
     seeds : list of int
         Generator seeds; the condition of each is :func:`condition_for_seed`.
@@ -126,12 +126,14 @@ def synthetic_images(
     import tifffile
 
     from tme_pipeline.synth import load_truth, render_truth_labels, synth_slide
+    from tme_pipeline.synth.slide import GENERATOR_VERSION
 
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     out = []
     for seed in seeds:
-        tag = f"s{seed}_{size_mm[0]:g}x{size_mm[1]:g}mm_{pixel_um:g}um"
+        # The generator version is in the name: a changed generator never reuses old slides.
+        tag = f"gen{GENERATOR_VERSION}_s{seed}_{size_mm[0]:g}x{size_mm[1]:g}mm_{pixel_um:g}um"
         path, truth_dir = cache / f"{tag}.ome.tif", cache / f"{tag}_truth"
         if path.is_file() and (truth_dir / "truth.json").is_file():
             truth = load_truth(truth_dir)
