@@ -18,7 +18,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from .synth import synth_cohort
 
     manifest = synth_cohort(
-        args.out, n_patients=args.patients, seed=args.seed, size_mm=tuple(args.size_mm), pixel_um=args.pixel_um
+        args.out, n_patients=args.patients, seed=args.seed, size_mm=tuple(args.size_mm), pixel_um=args.pixel_um,
+        style=args.style,
     )
     print(f"wrote {manifest}")
     print(f"ground truth in {Path(args.out) / 'truth'}")
@@ -111,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size-mm", nargs=2, type=float, default=(2.0, 1.5), metavar=("W", "H"))
     p.add_argument("--pixel-um", type=float, default=0.5, help="pixel size (µm)")
+    p.add_argument("--style", choices=("default", "external_lab"), default="default",
+                   help="slide look: default (as trained) or external_lab (another lab's, for validation)")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("info", help="describe a slide: format, levels, channels -> markers, µm/px")
