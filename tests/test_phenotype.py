@@ -6,7 +6,8 @@ from phenotype_fixtures import MARKERS, cell_types, make_cells
 from tme_pipeline.config import CompensationConfig, GatingConfig, load_config
 from tme_pipeline import autogate
 from tme_pipeline.autogate import estimate_background, fit_two_gaussians
-from tme_pipeline.phenotype import phenotype_cells, weak_gate
+from tme_pipeline.autogate import Gate
+from tme_pipeline.phenotype import gate_score, phenotype_cells, resolve_exclusive, weak_gate
 
 RULES = load_config().phenotypes
 
@@ -358,3 +359,68 @@ def test_within_a_marker_of_the_rules_is_an_error():
     cells, _ = make_cells(truth, seed=18)
     with pytest.raises(ValueError, match="P4_post.*'CD8' within 'tumor'"):
         phenotype_cells(cells, gating=GatingConfig(within={"CD8": "tumor"}), phenotypes=RULES, slide_id="P4_post")
+
+
+# ----------------------------------------------------------------- lineage-exclusive calls
+
+def _gate(marker, gate, background):
+    return Gate(marker, gate, background, 10.0, 50.0, "arcsinh", "valley", 0.9, 0.0, 0, False)
+
+
+def test_gate_score_by_hand():
+    g = _gate("CD3", 1000.0, 200.0)
+    np.testing.assert_allclose(gate_score(np.array([200.0, 600.0, 1000.0, 2600.0]), g), [0, 0.5, 1, 3])
+    assert np.isnan(gate_score(np.array([5.0]), _gate("CD3", 200.0, 200.0))).all()
+
+
+def test_exclusive_pair_goes_to_the_marker_higher_above_its_gate():
+    # CD20 gate 1000 (background 200), CD3 gate 500 (background 100). Scores by hand:
+    # cell 0: CD20 (2600-200)/800 = 3,   CD3 (700-100)/400 = 1.5 -> CD20
+    # cell 1: CD20 (1200-200)/800 = 1.25, CD3 (1300-100)/400 = 3  -> CD3
+    # cell 2: CD20 (1000-200)... below gate; CD3 only -> untouched
+    # cell 3: CD20 (1800-200)/800 = 2,   CD3 (900-100)/400 = 2    -> tie: the first marker (CD20)
+    cells = ad.AnnData(np.array([[2600, 700], [1200, 1300], [900, 1300], [1800, 900]], np.float32),
+                       var={"compartment": ["perinuclear", "perinuclear"]})
+    cells.var_names = ["CD20", "CD3"]
+    gates = {"CD20": _gate("CD20", 1000.0, 200.0), "CD3": _gate("CD3", 500.0, 100.0)}
+    positive = {"CD20": np.array([True, True, False, True]), "CD3": np.array([True, True, True, True])}
+    weak = {m: v.copy() for m, v in positive.items()}
+    counts, flags = resolve_exclusive(cells, [("CD20", "CD3")], gates, positive, weak, slide_id="S")
+    assert counts == {"CD20|CD3": {"n_both": 3, "to_CD20": 2, "to_CD3": 1}} and flags == []
+    assert positive["CD20"].tolist() == [True, False, False, True]
+    assert positive["CD3"].tolist() == [False, True, True, False]
+    assert weak["CD20"].tolist() == [True, False, False, True]
+    counts, flags = resolve_exclusive(cells, [("CD20", "FOXP3")], gates, positive, weak, slide_id="S")
+    assert counts == {} and "FOXP3" in flags[0]
+    with pytest.raises(ValueError, match="twice"):
+        resolve_exclusive(cells, [("CD3", "CD3")], gates, positive, weak, slide_id="S")
+
+
+def test_exclusive_calls_give_double_positive_b_cells_back_to_b():
+    """B cells reading a T neighbour's CD3 (above gate, below their own CD20) are B, not T."""
+    types, truth = cell_types(6000, seed=21)
+    b = np.flatnonzero(types == "b_cell")
+    spill = b[: b.size // 3]
+    truth["CD3"][spill] = True  # CD3 at a T cell's level on a third of the B cells
+    cells, _ = make_cells(truth, seed=21, dim_fraction=0.0)
+    col = {m: list(cells.var_names).index(m) for m in ("CD3", "CD20")}
+    for name in cells.layers:  # at half their CD20 strength: a neighbour's share, not their own stain
+        cells.layers[name][spill, col["CD3"]] = 0.5 * cells.layers[name][spill, col["CD20"]]
+    cells.X[spill, col["CD3"]] = cells.layers["membrane"][spill, col["CD3"]]
+    plain = cells.copy()
+    before = phenotype_cells(plain, gating=GatingConfig(), phenotypes=RULES, slide_id="S")
+    gating = GatingConfig(exclusive=(("CD20", "CD3"),))
+    result = phenotype_cells(cells, gating=gating, phenotypes=RULES, slide_id="S")
+    phen, phen0 = cells.obs["phenotype"].to_numpy(), plain.obs["phenotype"].to_numpy()
+    t_cells = np.isin(phen0[spill], ["CD8_T", "CD4_T", "Treg"])
+    assert t_cells.mean() > 0.9  # without it, they are T cells
+    assert (phen[spill] == "B").mean() > 0.95
+    # real T cells (CD20-) are untouched; CD3_pos still reports CD3's own gate
+    t = np.isin(types, ["cd8_t", "cd4_t", "treg"])
+    np.testing.assert_array_equal(phen[t], phen0[t])
+    assert cells.obs["CD3_pos"].to_numpy()[spill].mean() > 0.9
+    pair = result.exclusive["CD20|CD3"]
+    assert pair["n_both"] == pair["to_CD20"] + pair["to_CD3"] and pair["to_CD20"] >= 0.95 * spill.size
+    assert before.exclusive == {} and result.to_json()["exclusive"] == result.exclusive
+    assert cells.uns["phenotyping"]["exclusive"] == result.exclusive
+    assert cells.uns["phenotyping"]["params"]["exclusive"] == [["CD20", "CD3"]]

@@ -94,6 +94,17 @@ class CellsConfig(_Strict):
     perinuclear_um: float = Field(
         1.0, gt=0, description="width of the perinuclear band: cell pixels outside the nucleus and this close to it"
     )
+    neighbour_correction: bool = Field(
+        False, description="remove the share of each cell's signal that touching neighbours put in its boundary "
+        "pixels (REDSEA, shared border lengths; tme_pipeline.spillover), for `neighbour_markers`",
+    )
+    neighbour_markers: tuple[str, ...] = Field(
+        ("CD3", "CD8", "CD20"), description="markers the neighbour correction applies to, in their compartment",
+    )
+    neighbour_boundary_um: float = Field(
+        1.0, gt=0, description="width of each cell's boundary band for the neighbour correction, µm "
+        "(at most cells.membrane_um)",
+    )
 
 
 class GatingConfig(_Strict):
@@ -116,6 +127,10 @@ class GatingConfig(_Strict):
         description="in a rule with two or more '+' markers, one of them may lie between its weak gate "
         "(background + weak_fraction x (gate - background)) and its gate when the others pass theirs: "
         "co-expression is evidence, as for a crisp CD8+ cell with faint CD3; 1 turns this off",
+    )
+    exclusive: tuple[tuple[str, str], ...] = Field(
+        (), description="pairs of lineage markers (e.g. [CD20, CD3]): a cell above both gates keeps only the one "
+        "standing higher above its gate, (x - background) / (gate - background)",
     )
     within: dict[str, str] = Field(
         default_factory=dict,

@@ -9,13 +9,18 @@ One slide at a time, in place on its cell table:
    cells right of the negative peak), else the background plus 5 times the negatives'
    right-hand spread (:mod:`tme_pipeline.autogate`);
 4. manual gates override it (``gating.per_slide`` over ``gating.manual``);
-5. ``obs['phenotype']``: the first rule that holds, else ``other``; in a rule with several
+5. lineage-exclusive markers (``gating.exclusive``, e.g. CD20 and CD3): a cell above both
+   gates keeps only the marker that stands higher above its gate, by
+   :func:`gate_score`, ``(x - background) / (gate - background)`` (1 at the gate, 0 at the
+   negatives' mode: free of stain gain and offset); in a crowded follicle a B cell's band
+   reads its T neighbours' CD3 and vice versa, whereas a real cell is of one lineage;
+6. ``obs['phenotype']``: the first rule that holds, else ``other``; in a rule with several
    ``+`` markers, one may pass only its weak gate (``gating.weak_fraction`` of the way from
    the background to the gate) when the others pass theirs;
-6. markers of ``gating.within`` (in no rule) are gated last, on the cells of their phenotype
+7. markers of ``gating.within`` (in no rule) are gated last, on the cells of their phenotype
    only: PD-L1 on tumour cells, whose own background and positive fraction (~30 %) give a
    clear gate where all cells (~4 % positive, most of them lymphocytes) give a vague one;
-7. ``obs['<marker>_pos']``; gates, flags and parameters go to ``uns['gates']`` and
+8. ``obs['<marker>_pos']`` (each marker's own gate, before 5); gates, flags and parameters go to ``uns['gates']`` and
    ``uns['phenotyping']``.
 
 Gates are recorded in raw ``X`` units, so any of them can be typed back as a manual gate.
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import anndata as ad
 import numpy as np
@@ -35,7 +40,8 @@ from .autogate import COFACTOR_SD, FALLBACK_SD, MIN_SEPARATION_D, Gate, auto_gat
 from .config import CompensationConfig, GatingConfig, PhenotypeRule
 from .quantify import COMPARTMENT_LAYERS
 
-__all__ = ["phenotype_cells", "PhenotypeResult", "Gate", "compensate", "weak_gate"]
+__all__ = ["phenotype_cells", "PhenotypeResult", "Gate", "compensate", "gate_score", "resolve_exclusive",
+           "weak_gate"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +56,8 @@ class PhenotypeResult:
     counts : phenotype -> number of cells, in category order.
     compensated : whether spillover compensation was applied by this call.
     skipped_rules : names of rules skipped because a marker is missing from the slide.
+    exclusive : ``'A|B'`` -> ``{'n_both': cells above both gates, 'to_A': ..., 'to_B': ...}``,
+        per pair of ``gating.exclusive`` (how the ambiguous cells were resolved).
     """
 
     slide_id: str
@@ -58,12 +66,14 @@ class PhenotypeResult:
     counts: Mapping[str, int]
     compensated: bool
     skipped_rules: tuple[str, ...]
+    exclusive: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         """JSON-serialisable summary."""
         return {"slide_id": self.slide_id, "flags": list(self.flags), "counts": dict(self.counts),
                 "compensated": self.compensated, "skipped_rules": list(self.skipped_rules),
-                "gates": {m: g.to_uns() for m, g in self.gates.items()}}
+                "gates": {m: g.to_uns() for m, g in self.gates.items()},
+                "exclusive": {k: dict(v) for k, v in self.exclusive.items()}}
 
 
 # --------------------------------------------------------------------------- compensation
@@ -171,6 +181,49 @@ def weak_gate(background: float, gate: float, weak_fraction: float) -> float:
     return float(background + weak_fraction * (gate - background))
 
 
+def gate_score(x: np.ndarray, gate: Gate) -> np.ndarray:
+    """How far above its gate a marker stands: ``(x - background) / (gate - background)``.
+
+    0 at the negatives' mode, 1 at the gate; unchanged by a stain gain or offset that moves
+    intensities, background and gate together, so two markers' scores compare. (n,) float;
+    NaN where the gate has no background or sits on it.
+    """
+    span = gate.gate - gate.background
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (np.asarray(x, np.float64) - gate.background) / (span if span > 0 else np.nan)
+
+
+def resolve_exclusive(cells: ad.AnnData, pairs: Sequence[Sequence[str]], gates: Mapping[str, Gate],
+                      positive: dict[str, np.ndarray], weak: dict[str, np.ndarray], *, slide_id: str,
+                      ) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """Give each cell above both gates of an exclusive pair to the marker with the higher :func:`gate_score`.
+
+    The other marker is cleared in ``positive`` and ``weak`` (in place) for those cells, so the
+    rules see one lineage; a tie goes to the pair's first marker. Pairs with a marker that was
+    not gated are skipped with a flag. Returns the counts per pair (``'A|B'`` ->
+    ``{'n_both', 'to_A', 'to_B'}``) and the flags.
+    """
+    counts, flags = {}, []
+    for a, b in pairs:
+        if a == b:
+            raise ValueError(f"slide {slide_id!r}: exclusive pair {a}|{b} names one marker twice")
+        if a not in gates or b not in gates:
+            flags.append(f"slide {slide_id!r}: exclusive pair {a}|{b} skipped: "
+                         f"{sorted({a, b} - set(gates))} not gated on this slide")
+            continue
+        both = positive[a] & positive[b]
+        score = {m: gate_score(np.asarray(cells.X[:, cells.var_names.get_loc(m)]).ravel()[both], gates[m])
+                 for m in (a, b)}
+        to_a = np.zeros(both.size, bool)
+        to_a[both] = ~(score[b] > score[a])
+        to_b = both & ~to_a
+        for loser, won_by_other in ((b, to_a), (a, to_b)):
+            positive[loser] = positive[loser] & ~won_by_other
+            weak[loser] = weak[loser] & ~won_by_other
+        counts[f"{a}|{b}"] = {"n_both": int(both.sum()), f"to_{a}": int(to_a.sum()), f"to_{b}": int(to_b.sum())}
+    return counts, flags
+
+
 # --------------------------------------------------------------------------- phenotypes
 
 def _assign_phenotypes(positive: Mapping[str, np.ndarray], weak: Mapping[str, np.ndarray],
@@ -248,7 +301,8 @@ def phenotype_cells(
     Writes ``obs['<marker>_pos']`` (bool, ``X > gate``) per gated marker, ``obs['phenotype']``
     (categorical: rule names in order, then ``other``; skipped rules keep their category so
     slides concatenate), ``uns['gates']`` (marker -> :meth:`Gate.to_uns`) and
-    ``uns['phenotyping']`` (``params``, ``flags``, ``rules``).
+    ``uns['phenotyping']`` (``params``, ``flags``, ``rules``, ``exclusive``: per pair of
+    ``gating.exclusive``, the cells above both gates and to which marker each went).
     """
     if not isinstance(cells, ad.AnnData):
         raise ValueError(f"slide {slide_id!r}: phenotype_cells expects an AnnData, got {type(cells).__name__}")
@@ -298,7 +352,12 @@ def phenotype_cells(
     later = [m for m in markers if m in gating.within]
     gates, positive, weak, gate_flags = _gate_markers(cells, [m for m in markers if m not in later], gating, slide_id)
     flags += gate_flags
-    codes = _assign_phenotypes(positive, weak, rules, cells.n_obs)
+    # The rules see the exclusive-resolved positivity; obs['<m>_pos'] keeps each marker's own gate.
+    lineage_pos, lineage_weak = dict(positive), dict(weak)
+    exclusive, exclusive_flags = resolve_exclusive(cells, gating.exclusive, gates, lineage_pos, lineage_weak,
+                                                   slide_id=slide_id)
+    flags += exclusive_flags
+    codes = _assign_phenotypes(lineage_pos, lineage_weak, rules, cells.n_obs)
     populations = {}
     for m in later:
         name = gating.within[m]
@@ -330,11 +389,12 @@ def phenotype_cells(
             "manual": {m: float(g) for m, g in gating.manual.items()},
             "per_slide": {m: float(g) for m, g in gating.per_slide.get(slide_id, {}).items()},
             "within": dict(gating.within), "weak_fraction": float(gating.weak_fraction),
-            "compensation": comp_params,
+            "compensation": comp_params, "exclusive": [list(p) for p in gating.exclusive],
         },
         "flags": list(flags),
+        "exclusive": exclusive,
         "rules": {"name": names, "markers": [r.markers for r in phenotypes],
                   "applied": [r is not None for r in rules]},
     }
     return PhenotypeResult(slide_id, gates, tuple(flags), counts, compensated,
-                           tuple(r.name for r, u in zip(phenotypes, rules) if u is None))
+                           tuple(r.name for r, u in zip(phenotypes, rules) if u is None), exclusive)
