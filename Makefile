@@ -39,9 +39,16 @@ $(VENV_SQ)/.installed:
 	$(VENV_SQ)/bin/python -m pip install -q $(SQUIDPY_SPECS)
 	touch $@
 
-demo: venv
+# The cohort is written once: rewriting its slides would make every stage of demo/out stale.
+# `make demo DEMO_CONFIG=my.yaml` re-runs with a changed config; tme run recomputes only the
+# stages the change makes stale and prints, per slide, which it reused and which it ran.
+DEMO_CONFIG ?=
+
+demo/data/manifest.csv: | venv
 	$(VENV)/bin/tme synth --out demo/data --patients 2 --seed 7 --size-mm 2 1.5
-	$(VENV)/bin/tme run demo/data/manifest.csv --out demo/out
+
+demo: venv demo/data/manifest.csv
+	$(VENV)/bin/tme run demo/data/manifest.csv --out demo/out $(if $(DEMO_CONFIG),--config $(DEMO_CONFIG))
 	@echo
 	@echo "Demo cohort:  demo/data/manifest.csv (truth in demo/data/truth/)"
 	@echo "Outputs:      demo/out/run.json and demo/out/slides/<slide_id>/"

@@ -18,7 +18,7 @@ from tme_pipeline.cli import main
 from tme_pipeline.cohort import run_cohort
 from tme_pipeline.config import load_config
 from tme_pipeline.results import open_results
-from tme_pipeline.stages import STAGES, Stage, StageOutput
+from tme_pipeline.stages import STAGES, Stage, StageOutput, check_stages
 from tme_pipeline.synth import synth_slide
 
 ALL = ["segment", "cells", "measure", "phenotype", "qc"]
@@ -216,3 +216,26 @@ def test_second_concurrent_run_refused_and_first_unharmed(baseline, tmp_path, ca
     assert (out / "slides" / ".S.partial").exists()  # the live run's partial folder was left alone
     assert first.wait(timeout=300) == 0, first.stdout.read()
     assert open_results(out).record("S")["stages"]["ran"] == ALL
+
+
+def test_stage_list_checked():
+    check_stages(STAGES)
+    with pytest.raises(ValueError, match="stage 'qc' is listed twice"):
+        check_stages((*STAGES, STAGES[-1]))
+    with pytest.raises(ValueError, match=r"stage 'cells' needs \['segment'\], which do not come before it"):
+        check_stages(STAGES[1:])
+
+
+def test_open_results_lists_finished_slides_only(tmp_path):
+    (tmp_path / "slides" / ".A.partial").mkdir(parents=True)
+    (tmp_path / "slides" / "B").mkdir()  # no stages.json: not finished
+    (tmp_path / "slides" / "C").mkdir()
+    (tmp_path / "slides" / "C" / "stages.json").write_text('{"format": 1, "stages": {}}')
+    results = open_results(tmp_path)
+    assert results.run == {} and results.slide_ids == ["C"]
+    with pytest.raises(ValueError, match="no finished slide 'B'"):
+        results.slide("B")
+    with pytest.raises(FileNotFoundError, match="cells.h5ad"):
+        results.slide("C").cells()
+    with pytest.raises(FileNotFoundError, match="no such results folder"):
+        open_results(tmp_path / "absent")

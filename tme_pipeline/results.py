@@ -125,9 +125,9 @@ class Results:
 
     @property
     def slide_ids(self) -> list[str]:
-        """Finished slides: those with a folder, in ``run.json`` order, then any others by name."""
-        folders = {p.name for p in (self.out / SLIDES_DIR).iterdir() if p.is_dir() and not p.name.startswith(".")} \
-            if (self.out / SLIDES_DIR).is_dir() else set()
+        """Finished slides (a folder with ``stages.json``), in ``run.json`` order, then any others by name."""
+        slides = self.out / SLIDES_DIR
+        folders = {p.parent.name for p in slides.glob(f"[!.]*/{STAGES_JSON}")} if slides.is_dir() else set()
         recorded = [s["slide_id"] for s in self.run.get("slides", []) if s["slide_id"] in folders]
         return recorded + sorted(folders - set(recorded))
 
