@@ -90,7 +90,8 @@ def test_hand_computed_two_cells(tile_um):
     np.testing.assert_allclose(obs["solidity"], [1, 1])
     np.testing.assert_allclose(obs["dapi_mean"], [100, 50])
     assert adata.uns["spatial_unit"] == "um" and adata.uns["pixel_um"] == PIXEL_UM
-    assert adata.uns["cells"] == {"expand_um": 1.0, "membrane_um": 0.75, "perinuclear_um": 1.0, "n_rays": 32}
+    assert adata.uns["cells"] == {"expand_um": 1.0, "membrane_um": 0.75, "perinuclear_um": 1.0, "n_rays": 32,
+                                  "neighbour_correction": False}
     _assert_same(adata, reference)
 
 
@@ -178,7 +179,8 @@ def test_round_trip_through_h5ad(blobs_region, tmp_path):
     back = ad.read_h5ad(tmp_path / "cells.h5ad")
     _assert_same(back, adata)
     assert back.obsm["nucleus_polygon_um"].shape == (adata.n_obs, 32, 2)
-    assert back.uns["cells"] == {"expand_um": 3.0, "membrane_um": 1.5, "perinuclear_um": 1.0, "n_rays": 32}
+    assert back.uns["cells"] == {"expand_um": 3.0, "membrane_um": 1.5, "perinuclear_um": 1.0, "n_rays": 32,
+                                 "neighbour_correction": False}
     assert back.obs["cell_id"].dtype == np.int64
 
 

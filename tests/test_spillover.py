@@ -5,6 +5,8 @@ import pytest
 
 from tme_pipeline.spillover import boundary_band, cell_contacts, correct_spillover
 
+PIXEL_UM = 0.5
+
 
 def test_three_cells_in_a_row_by_hand():
     # Columns: cell 1 = 0-1, cell 2 = 2-3, cell 3 = 4-5; two rows; no background.
@@ -143,3 +145,68 @@ def test_bad_input():
         correct_spillover(np.zeros((3, 3), int), np.zeros((2, 4, 4)))
     with pytest.raises(ValueError, match="boundary_px"):
         correct_spillover(np.zeros((3, 3), int), np.zeros((3, 3)), boundary_px=0)
+
+
+# ----------------------------------------------------------------- inside measure_cells, tile by tile
+
+@pytest.fixture(scope="module")
+def crowded():
+    """Dense touching cells over 3 x 3 tiles, 4 channels."""
+    import zarr
+    from blobs import make_nuclei
+
+    from tme_pipeline.cells import expand_nuclei_tiled
+    from tme_pipeline.tiling import tile_grid
+
+    dapi, nuclei = make_nuclei((330, 310), pixel_um=PIXEL_UM, density=1.5, seed=1)
+    nuclei = nuclei.astype(np.uint32)
+    grid = tile_grid(nuclei.shape, pixel_um=PIXEL_UM, tile_um=55.0, overlap_um=20.0, max_object_um=16.0)
+    cells = expand_nuclei_tiled(nuclei, grid=grid, pixel_um=PIXEL_UM, expand_um=3.0,
+                                store=zarr.group(), component="cells")[:]
+    rng = np.random.default_rng(0)
+    image = np.concatenate([dapi[None], rng.gamma(2.0, 10.0, (3, *nuclei.shape)).astype(np.float32)])
+    return nuclei, cells, image, grid
+
+
+def test_measure_cells_applies_the_correction_tile_by_tile(crowded):
+    import dask.array as da
+
+    from tme_pipeline.quantify import measure_cells, perinuclear
+    from tme_pipeline.tiling import tile_grid
+
+    nuclei, cells, image, grid = crowded
+    assert grid.grid_shape == (3, 3)
+    args = {"markers": {"DAPI": 0, "CD3": 1, "CD8": 2, "PanCK": 3}, "pixel_um": PIXEL_UM, "nuclear_channel": 0,
+            "compartments": {"DAPI": "nuclear", "CD3": "perinuclear", "CD8": "membrane", "PanCK": "cytoplasm"},
+            "expand_um": 3.0, "membrane_um": 1.5, "perinuclear_um": 1.0}
+    dimage = da.from_array(image, chunks=(1, 64, 64))
+    plain = measure_cells(nuclei, cells, dimage, grid=grid, **args)
+    fixed = measure_cells(nuclei, cells, dimage, grid=grid, neighbour_markers=("CD3", "CD8"),
+                          neighbour_boundary_um=1.0, **args)
+    one = tile_grid(nuclei.shape, pixel_um=PIXEL_UM, tile_um=200.0, overlap_um=20.0, max_object_um=16.0)
+    assert one.grid_shape == (1, 1)
+    whole = measure_cells(nuclei, cells, dimage, grid=one, neighbour_markers=("CD3", "CD8"),
+                          neighbour_boundary_um=1.0, **args)
+    np.testing.assert_allclose(fixed.X, whole.X, rtol=1e-6)  # the seams change nothing
+    # Oracle: the correction on the whole image, in each marker's compartment.
+    band = np.where((perinuclear(nuclei, 2.0) == cells) & (nuclei != cells), cells, 0)
+    ref = correct_spillover(cells, image[1], compartment_image=band, boundary_px=2.0)
+    pos = np.searchsorted(ref.labels, fixed.obs["cell_id"].to_numpy())
+    seen = ref.n_px[pos] > 0
+    np.testing.assert_allclose(fixed.X[seen, 1], ref.corrected_mean[pos[seen], 0], rtol=1e-5)
+    np.testing.assert_array_equal(fixed.X[~seen, 1], plain.X[~seen, 1])  # no band: the membrane ring, as is
+    assert not np.allclose(fixed.X[:, 2], plain.X[:, 2])
+    np.testing.assert_array_equal(fixed.X[:, [0, 3]], plain.X[:, [0, 3]])  # markers not asked for
+    np.testing.assert_array_equal(fixed.layers["cell"], plain.layers["cell"])
+    # conserved: the band sums over all cells
+    np.testing.assert_allclose((fixed.X[seen, 1] * ref.n_px[pos[seen]]).sum(), ref.total[:, 0].sum(), rtol=1e-5)
+    assert fixed.uns["cells"]["neighbour_correction"] == {"markers": ["CD3", "CD8"], "boundary_um": 1.0}
+    # a marker the slide lacks (an optional one) is left out; with none left, no correction
+    absent = measure_cells(nuclei, cells, dimage, grid=grid, neighbour_markers=("CD20", "CD3"), **args)
+    np.testing.assert_array_equal(absent.X[:, 1], fixed.X[:, 1])
+    assert absent.uns["cells"]["neighbour_correction"]["markers"] == ["CD3"]
+    none = measure_cells(nuclei, cells, dimage, grid=grid, neighbour_markers=("CD20",), **args)
+    assert none.uns["cells"]["neighbour_correction"] is False
+    with pytest.raises(ValueError, match="neighbour_boundary_um"):
+        measure_cells(nuclei, cells, dimage, grid=grid, neighbour_markers=("CD3",), neighbour_boundary_um=5.0,
+                      **args)

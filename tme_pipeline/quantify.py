@@ -99,6 +99,8 @@ def measure_cells(
     perinuclear_um: float = 1.0,
     channel_names: Sequence[str] | None = None,
     n_rays: int = 32,
+    neighbour_markers: Sequence[str] = (),
+    neighbour_boundary_um: float = 1.0,
 ) -> ad.AnnData:
     """Measure every cell, tile by tile: intensities per compartment, morphology, outline.
 
@@ -131,6 +133,12 @@ def measure_cells(
         The slide's channel names for ``var['channel']``; ``C<index>`` without.
     n_rays : int, optional
         Rays of the nucleus polygon.
+    neighbour_markers : sequence of str
+        Markers whose compartment mean is corrected for touching neighbours' signal
+        (:func:`tme_pipeline.spillover.correct_spillover`, REDSEA); those not in ``markers``
+        are left out; empty: none.
+    neighbour_boundary_um : float
+        Width of each cell's boundary band for that correction, µm.
 
     Returns
     -------
@@ -149,7 +157,8 @@ def measure_cells(
         from the centroid pixel, or the nucleus pixel nearest to the centroid
         when that pixel is outside; ray k at angle 2πk/n_rays, row offset
         ``d·sin``, column offset ``d·cos``). ``uns``: ``spatial_unit = 'um'``,
-        ``pixel_um``, ``cells = {expand_um, membrane_um, perinuclear_um, n_rays}``.
+        ``pixel_um``, ``cells = {expand_um, membrane_um, perinuclear_um, n_rays,
+        neighbour_correction}`` (``{markers, boundary_um}`` of the correction, or ``False``).
 
     Raises
     ------
@@ -165,8 +174,10 @@ def measure_cells(
     guard = math.ceil(membrane_px)
     peri_px = perinuclear_um / pixel_um
     margin = grid.overlap_px + math.ceil(expand_um / pixel_um) + guard + 1
+    neighbours = _neighbour_plan(neighbour_markers, neighbour_boundary_um, markers, compartments, chans,
+                                 pixel_um, guard)
     tasks = map_tiles(_measure_tile, [nuclei, cells, pixels], grid=grid, margin_px=margin,
-                      args=(grid.shape_yx, membrane_px, peri_px, guard, n_rays))
+                      args=(grid.shape_yx, membrane_px, peri_px, guard, n_rays, neighbours))
     tables = [t for t in dask.compute(*tasks) if t.ids.size]
     table = _Table.concat(tables) if tables else _Table.empty(len(chans), n_rays)
     table = table.take(np.argsort(table.ids, kind="stable"))
@@ -174,12 +185,46 @@ def measure_cells(
         raise ValueError("a cell was measured by two tiles: is a nucleus larger than the tile overlap?")
     logger.info("measured %d cells", table.ids.size)
     return _anndata(table, chans, markers, compartments, nuclear_channel, channel_names, pixel_um,
-                    _params(expand_um, membrane_um, perinuclear_um, n_rays))
+                    _params(expand_um, membrane_um, perinuclear_um, n_rays, neighbours))
 
 
-def _params(expand_um, membrane_um, perinuclear_um, n_rays) -> dict:
+def _params(expand_um, membrane_um, perinuclear_um, n_rays, neighbours=None) -> dict:
     return {"expand_um": float(expand_um), "membrane_um": float(membrane_um),
-            "perinuclear_um": float(perinuclear_um), "n_rays": int(n_rays)}
+            "perinuclear_um": float(perinuclear_um), "n_rays": int(n_rays),
+            "neighbour_correction": neighbours.to_uns() if neighbours else False}
+
+
+@dataclass(frozen=True)
+class _NeighbourPlan:
+    """Which layer columns (positions in the read channels) the neighbour correction rewrites."""
+
+    markers: tuple[str, ...]
+    columns: dict[int, list[int]]  # layer index (_LAYERS) -> channel positions
+    boundary_px: float
+    boundary_um: float
+
+    def to_uns(self) -> dict:
+        return {"markers": list(self.markers), "boundary_um": self.boundary_um}
+
+
+def _neighbour_plan(names, boundary_um, markers, compartments, chans, pixel_um, guard) -> _NeighbourPlan | None:
+    """The correction's columns per layer; None when no marker of the slide asks for it.
+
+    Markers absent from the slide (an optional marker of the panel) are left out, not an error.
+    """
+    names = [m for m in names if m in markers]
+    if not names:
+        return None
+    boundary_px = boundary_um / pixel_um
+    # The band of a neighbour of an owned cell must be seen whole: it lies within `guard` px of the window.
+    if not 0 < boundary_px <= guard:
+        raise ValueError(f"neighbour_boundary_um must be > 0 and at most the membrane ring's width "
+                         f"({guard * pixel_um:g} µm), got {boundary_um}")
+    columns: dict[int, list[int]] = {}
+    for m in names:
+        layer = _LAYERS.index(COMPARTMENT_LAYERS[compartments[m]])
+        columns.setdefault(layer, []).append(chans.index(markers[m]))
+    return _NeighbourPlan(tuple(names), columns, float(boundary_px), float(boundary_um))
 
 
 def _check(image, shape_yx, markers, compartments, nuclear_channel, pixel_um, n_rays) -> list[int]:
@@ -198,7 +243,8 @@ def _check(image, shape_yx, markers, compartments, nuclear_channel, pixel_um, n_
 
 
 def _measure_tile(nuc: np.ndarray, cell: np.ndarray, img: np.ndarray, tile: Tile, box, shape_yx,
-                  membrane_px: float, peri_px: float, guard: int, n_rays: int) -> _Table:
+                  membrane_px: float, peri_px: float, guard: int, n_rays: int,
+                  neighbours: _NeighbourPlan | None = None) -> _Table:
     ny, nx = shape_yx
     ids, inverse, count = np.unique(nuc.ravel(), return_inverse=True, return_counts=True)
     h, w = nuc.shape
@@ -222,9 +268,41 @@ def _measure_tile(nuc: np.ndarray, cell: np.ndarray, img: np.ndarray, tile: Tile
     _check_inside(nuc_local, cell_local, owned, lo, hi, tile)
     peri_local = np.where((perinuclear(nuc, peri_px) == cell) & (nuc != cell), cell_local, 0)
     table = _measure_local(nuc_local, cell_local, cell, nuc != cell, peri_local, img, owned, membrane_px, n_rays)
+    if neighbours is not None:
+        _correct_neighbours(table, nuc, cell, img, owned, neighbours, membrane_px, peri_px, lo, hi, tile)
     table.centroid_yx = np.stack([cy[own], cx[own]], axis=1)
     table.centre_yx += np.asarray(box[:2], np.int64)
     return table
+
+
+def _correct_neighbours(table: _Table, nuc, cell, img, owned, plan: _NeighbourPlan, membrane_px, peri_px,
+                        lo, hi, tile: Tile) -> None:
+    """Rewrite the owned cells' means of the planned columns with the neighbour correction.
+
+    Each window is corrected on its own labels: exact for owned cells as long as their
+    touching neighbours lie whole inside the window (checked), since the correction of a cell
+    reads only its own and its neighbours' pixels and border lengths.
+    """
+    from .spillover import correct_spillover
+
+    frame = cell.copy()
+    frame[lo[0]:hi[0], lo[1]:hi[1]] = 0
+    compartments = {0: nuc, 1: np.where(_ring(cell, membrane_px), cell, 0), 2: np.where(nuc != cell, cell, 0),
+                    3: np.where((perinuclear(nuc, peri_px) == cell) & (nuc != cell), cell, 0), 4: cell}
+    for layer, cols in plan.columns.items():
+        result = correct_spillover(cell, img[cols], compartment_image=compartments[layer],
+                                   boundary_px=plan.boundary_px)
+        cut = np.intersect1d(np.unique(frame), result.contacts.labels)
+        near = result.contacts.neighbours_of(owned)
+        partners = np.union1d(result.contacts.label_a[near], result.contacts.label_b[near])
+        clipped = np.intersect1d(partners, cut[cut > 0])
+        if clipped.size:
+            raise ValueError(f"cell {clipped[0]} touches a cell of tile {tile.index} but reaches the edge of "
+                             "its window: it is larger than the tile overlap allows; raise segmentation.overlap_um")
+        pos = np.searchsorted(result.labels, owned)
+        seen = result.n_px[pos] > 0  # an empty compartment keeps its fallback (the membrane ring)
+        means = table.means[layer]
+        means[np.ix_(np.flatnonzero(seen), cols)] = result.corrected_mean[pos[seen]]
 
 
 def _local_ids(labels: np.ndarray, owned: np.ndarray) -> np.ndarray:
