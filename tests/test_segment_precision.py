@@ -8,6 +8,7 @@ flag that ``run_net`` sets whatever the device it runs on.
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,3 +82,36 @@ def test_run_net_holds_cudnn_to_ieee_fp32_and_cpu_results_do_not_change(tmp_path
     assert results["exact"][0] == ["tf32", "ieee"]
     # On CPU the flag changes nothing: the CPU twin of a CUDA fp32 run is bit-identical.
     np.testing.assert_array_equal(results["exact"][1], results["default"][1])
+
+
+_BY_THREADS = textwrap.dedent("""
+    import sys
+    import numpy as np, torch
+    sys.path.insert(0, sys.argv[3])
+    from blobs import make_nuclei
+    from tme_pipeline.segment.predict import predict_prob_dist, segment_nuclei
+    from tme_pipeline.segment.registry import model_folder
+    from tme_pipeline.segment.weights import load_model
+
+    torch.set_num_threads(int(sys.argv[1]))
+    model = load_model(model_folder("stardist_fluo_synth"))
+    image, _ = make_nuclei((200, 240), seed=4)
+    prob, dist = predict_prob_dist((image - image.min()) / np.ptp(image), model=model, device="cpu")
+    labels = segment_nuclei(image, 0.5, model=model, device="cpu")
+    np.savez(sys.argv[2], prob=prob, dist=dist, labels=labels)
+""")
+
+
+def test_one_or_two_threads_give_the_same_bits(tmp_path):
+    # A worker's thread count must not change the nuclei (fp32, the shipped model): with the
+    # tiling's invariance, 1 and N workers give the same cells.
+    out = {}
+    for n in (1, 2):
+        path = tmp_path / f"threads{n}.npz"
+        proc = subprocess.run([sys.executable, "-c", _BY_THREADS, str(n), str(path), str(Path(__file__).parent)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        out[n] = np.load(path)
+    assert out[1]["labels"].max() > 10
+    for key in ("prob", "dist", "labels"):
+        np.testing.assert_array_equal(out[1][key], out[2][key], err_msg=key)
