@@ -25,6 +25,7 @@ from pathlib import Path
 
 import psutil
 
+from tme_pipeline.results import open_results
 from tme_pipeline.synth import synth_slide
 
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         (folder / "manifest.csv").write_text(f"patient_id,timepoint,slide\nP,pre,{slide.name}\n")
         cmd = [tme, "run", str(folder / "manifest.csv"), "--out", str(folder / "out"), "--force"]
         run = measure(cmd + (["--config", str(args.config)] if args.config else []))
-        run_json = json.loads((folder / "out" / "run.json").read_text())
+        run_json = open_results(folder / "out").run
         record = run_json["slides"][0]
         method = run_json["config"]["segmentation"]["method"]
         area_mm2 = width * height

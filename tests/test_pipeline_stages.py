@@ -14,7 +14,6 @@ import pytest
 
 from tme_pipeline.cli import main
 from tme_pipeline.cohort import run_cohort
-from tme_pipeline.config import load_config
 from tme_pipeline.results import open_results
 from tme_pipeline.stages import STAGES, Stage, StageOutput, check_stages
 from tme_pipeline.synth import synth_slide

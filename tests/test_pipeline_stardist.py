@@ -1,7 +1,5 @@
 """StarDist inside the pipeline: tiles agree with the whole image, provenance records the model."""
 
-import json
-
 import dask.array as da
 import numpy as np
 import pytest
@@ -10,10 +8,11 @@ import zarr
 
 from tme_pipeline.cohort import run_cohort
 from tme_pipeline.config import load_config
-from tme_pipeline.stages import segmentation_function
+from tme_pipeline.results import open_results
 from tme_pipeline.segment.metrics import match_labels
 from tme_pipeline.segment.registry import model_folder
 from tme_pipeline.segment.weights import load_model
+from tme_pipeline.stages import segmentation_function
 from tme_pipeline.synth import synth_slide
 from tme_pipeline.tiling import segment_tiled, tile_grid
 
@@ -55,7 +54,7 @@ def test_run_records_model_hash(slide, tmp_path):
     (tmp_path / "c.yaml").write_text("segmentation: {method: stardist}\n")
     result = run_cohort(tmp_path / "m.csv", tmp_path / "out", config_path=tmp_path / "c.yaml")
     assert [s.status for s in result.slides] == ["done"]
-    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    run = open_results(tmp_path / "out").run
     shipped = load_model(model_folder("stardist_fluo_synth"))
     assert run["models"]["stardist"]["sha256"] == shipped.sha256
     assert run["config"]["segmentation"]["method"] == "stardist"
