@@ -14,7 +14,7 @@ def test_default_config_is_the_promis_panel():
     assert config.segmentation.method == "stardist"
     assert config.panel["CD8"].compartment == "perinuclear" and config.panel["PD-L1"].compartment == "membrane"
     assert config.cells.perinuclear_um == 1.0 and config.gating.within == {"PD-L1": "tumor"}
-    assert config.segmentation.stardist.model == "stardist_fluo_synth"
+    assert config.segmentation.stardist.model == "stardist_fluo_real"
 
 
 def test_packaged_default_is_the_repository_file():

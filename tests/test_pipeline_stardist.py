@@ -55,7 +55,7 @@ def test_run_records_model_hash(slide, tmp_path):
     result = run_cohort(tmp_path / "m.csv", tmp_path / "out", config_path=tmp_path / "c.yaml")
     assert [s.status for s in result.slides] == ["done"]
     run = open_results(tmp_path / "out").run
-    shipped = load_model(model_folder("stardist_fluo_synth"))
+    shipped = load_model(model_folder("stardist_fluo_real"))
     assert run["models"]["stardist"]["sha256"] == shipped.sha256
     assert run["config"]["segmentation"]["method"] == "stardist"
     assert result.slides[0].n_nuclei > 200

@@ -59,7 +59,7 @@ class StarDistSettings(_Strict):
     """The StarDist nucleus model and how it runs."""
 
     model: str = Field(
-        "stardist_fluo_synth",
+        "stardist_fluo_real",
         description="a model folder, or the name of one under the shipped models/ "
         "(ours: weights.pt + config.json; or an official StarDist Keras folder)",
     )
