@@ -238,3 +238,13 @@ def test_open_results_lists_finished_slides_only(tmp_path):
         results.slide("C").cells()
     with pytest.raises(FileNotFoundError, match="no such results folder"):
         open_results(tmp_path / "absent")
+
+
+def test_neighbour_correction_reruns_measure_onwards(baseline, tmp_path):
+    out = _copy(baseline, tmp_path)
+    slide = _run(baseline, out, CLASSIC + "cells: {neighbour_correction: true, neighbour_markers: [CD8]}\n")
+    assert slide.ran == ("measure", "phenotype", "qc")
+    new, old = open_results(out).slide("S").measured(), open_results(baseline / "out").slide("S").measured()
+    others = [m for m in old.var_names if m != "CD8"]
+    np.testing.assert_array_equal(new[:, others].X, old[:, others].X)
+    assert not np.array_equal(new[:, "CD8"].X, old[:, "CD8"].X)

@@ -295,8 +295,10 @@ def _panel(inputs: SlideInputs, stage: str) -> PanelMatch:
 def measure_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
     """Measure every cell (areas µm², shape, intensities per compartment) into ``measured.h5ad``.
 
-    Reads the nuclei and cells labels and the slide's pixels; the table is raw (no
-    compensation, no gates), so that a change of gating starts from it.
+    Reads the nuclei and cells labels and the slide's pixels; with
+    ``cells.neighbour_correction``, the ``cells.neighbour_markers`` are corrected for
+    touching neighbours' signal. The table has no compensation and no gates, so that a
+    change of gating starts from it.
     """
     from .quantify import measure_cells
 
@@ -310,6 +312,8 @@ def measure_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
             nuclear_channel=inputs.nuclear_channel, expand_um=config.cells.expand_um,
             membrane_um=config.cells.membrane_um, perinuclear_um=config.cells.perinuclear_um,
             channel_names=slide.channel_names,
+            neighbour_markers=config.cells.neighbour_markers if config.cells.neighbour_correction else (),
+            neighbour_boundary_um=config.cells.neighbour_boundary_um,
         )
     cells.write_h5ad(folder / MEASURED)
     return StageOutput(info={"n_cells": int(cells.n_obs)})
