@@ -106,32 +106,6 @@ def _score(truth, slide_dir: Path) -> dict:
     }
 
 
-def _pass_neighbour_correction(config) -> bool:
-    """Make every ``measure_cells`` call of this process apply ``config.cells``' neighbour correction.
-
-    The measure stage reads ``cells.*`` from the configuration; where it does not yet hand the
-    neighbour keys to ``measure_cells``, the script does (keywords the stage gives win).
-    Returns whether the correction is on.
-    """
-    import functools
-
-    from tme_pipeline import quantify
-
-    cells = config.cells
-    if not cells.neighbour_correction:
-        return False
-    original = quantify.measure_cells
-
-    @functools.wraps(original)
-    def measure(*args, **kwargs):
-        kwargs.setdefault("neighbour_markers", cells.neighbour_markers)
-        kwargs.setdefault("neighbour_boundary_um", cells.neighbour_boundary_um)
-        return original(*args, **kwargs)
-
-    quantify.measure_cells = measure
-    return True
-
-
 def _confusion_rates(confusion: dict) -> dict:
     """True B called a T cell, and true CD4_T called CD8_T: counts and fractions of the true cells."""
     b, cd4 = confusion.get("B", {}), confusion.get("CD4_T", {})
@@ -180,10 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     from tme_pipeline.pipeline import run_slide
 
     config = load_config(args.config)
-    neighbours = _pass_neighbour_correction(config)
     report: dict = {"config": str(args.config or "default"), "segmentation": config.segmentation.method, "seed0": args.seed0,
                     "style": args.style or "default",
-                    "neighbour_correction": neighbours, "exclusive": [list(p) for p in config.gating.exclusive],
+                    "neighbour_correction": config.cells.neighbour_correction, "exclusive": [list(p) for p in config.gating.exclusive],
                     "size_mm": args.size_mm, "slides": []}
     pooled, pooled_confusion = {}, {}
     t0 = time.perf_counter()
