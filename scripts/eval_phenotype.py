@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config)
     report: dict = {"config": str(args.config or "default"), "segmentation": config.segmentation.method, "seed0": args.seed0,
                     "style": args.style or "default",
-                    "neighbour_correction": config.cells.neighbour_correction, "exclusive": [list(p) for p in config.gating.exclusive],
+                    "neighbour_correction": config.cells.neighbour_correction,
+                    "exclusive": [list(p) for p in config.gating.exclusive],
                     "size_mm": args.size_mm, "slides": []}
     pooled, pooled_confusion = {}, {}
     t0 = time.perf_counter()
