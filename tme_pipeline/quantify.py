@@ -28,60 +28,23 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import anndata as ad
 import dask
 import dask.array as da
 import numpy as np
-import pandas as pd
 import zarr
 
+from .cell_table import (COMPARTMENT_LAYERS, LAYERS, MIN_RING_PX, CellTable, cell_anndata, check_measure_inputs,
+                         measure_params)
 from .tiling import Tile, TileGrid, label_array, map_tiles
 
 __all__ = ["COMPARTMENT_LAYERS", "measure_cells", "perinuclear"]
 
 logger = logging.getLogger(__name__)
 
-# Panel compartment (MarkerSpec.compartment) -> the layer that X takes it from.
-COMPARTMENT_LAYERS = {"nuclear": "nucleus", "membrane": "membrane", "cytoplasm": "cytoplasm",
-                      "perinuclear": "perinuclear", "whole": "cell"}
-_LAYERS = ("nucleus", "membrane", "cytoplasm", "perinuclear", "cell")
-# A ring thinner than one pixel would be empty: take at least the boundary pixels.
-_MIN_RING_PX = 1.0 + 1e-6
-_MAX_STARDIST_ID = 65535  # stardist's star_dist reads labels as uint16
 _RAY_BATCH = 1024  # objects per star_dist call, to bound its canvas
-
-
-@dataclass
-class _Table:
-    """Measurements of k cells in level-0 px; the stages' internal currency."""
-
-    ids: np.ndarray  # (k,) int64
-    nucleus_px: np.ndarray  # (k,) float64 pixel counts
-    cell_px: np.ndarray  # (k,)
-    centroid_yx: np.ndarray  # (k, 2) float64, nucleus centroid
-    eccentricity: np.ndarray  # (k,)
-    solidity: np.ndarray  # (k,)
-    means: np.ndarray  # (5, k, C) float64, compartments in _LAYERS order
-    centre_yx: np.ndarray  # (k, 2) int64, pixel the rays start from
-    ray_dist: np.ndarray  # (k, n_rays) float32, px
-
-    @classmethod
-    def concat(cls, tables: Sequence[_Table]) -> _Table:
-        axis = {"means": 1}
-        return cls(**{f.name: np.concatenate([getattr(t, f.name) for t in tables], axis=axis.get(f.name, 0))
-                      for f in fields(cls)})
-
-    def take(self, order: np.ndarray) -> _Table:
-        return _Table(**{f.name: getattr(self, f.name)[:, order] if f.name == "means" else getattr(self, f.name)[order]
-                         for f in fields(self)})
-
-    @classmethod
-    def empty(cls, n_channels: int, n_rays: int) -> _Table:
-        z = np.zeros(0)
-        return cls(z.astype(np.int64), z, z, np.zeros((0, 2)), z, z, np.zeros((len(_LAYERS), 0, n_channels)),
-                   np.zeros((0, 2), np.int64), np.zeros((0, n_rays), np.float32))
 
 
 def measure_cells(
@@ -167,10 +130,10 @@ def measure_cells(
         edge of its tile's window (an object larger than the tile overlap).
     """
     image = image if isinstance(image, da.Array) else da.asarray(image)
-    chans = _check(image, grid.shape_yx, markers, compartments, nuclear_channel, pixel_um, n_rays)
+    chans = check_measure_inputs(image, grid.shape_yx, markers, compartments, nuclear_channel, pixel_um, n_rays)
     nuclei, cells = label_array(nuclei, grid), label_array(cells, grid)
     pixels = image[chans]
-    membrane_px = max(membrane_um / pixel_um, _MIN_RING_PX)
+    membrane_px = max(membrane_um / pixel_um, MIN_RING_PX)
     guard = math.ceil(membrane_px)
     peri_px = perinuclear_um / pixel_um
     margin = grid.overlap_px + math.ceil(expand_um / pixel_um) + guard + 1
@@ -179,19 +142,13 @@ def measure_cells(
     tasks = map_tiles(_measure_tile, [nuclei, cells, pixels], grid=grid, margin_px=margin,
                       args=(grid.shape_yx, membrane_px, peri_px, guard, n_rays, neighbours))
     tables = [t for t in dask.compute(*tasks) if t.ids.size]
-    table = _Table.concat(tables) if tables else _Table.empty(len(chans), n_rays)
+    table = CellTable.concat(tables) if tables else CellTable.empty(len(chans), n_rays)
     table = table.take(np.argsort(table.ids, kind="stable"))
     if np.any(np.diff(table.ids) == 0):
         raise ValueError("a cell was measured by two tiles: is a nucleus larger than the tile overlap?")
     logger.info("measured %d cells", table.ids.size)
-    return _anndata(table, chans, markers, compartments, nuclear_channel, channel_names, pixel_um,
-                    _params(expand_um, membrane_um, perinuclear_um, n_rays, neighbours))
-
-
-def _params(expand_um, membrane_um, perinuclear_um, n_rays, neighbours=None) -> dict:
-    return {"expand_um": float(expand_um), "membrane_um": float(membrane_um),
-            "perinuclear_um": float(perinuclear_um), "n_rays": int(n_rays),
-            "neighbour_correction": neighbours.to_uns() if neighbours else False}
+    return cell_anndata(table, chans, markers, compartments, nuclear_channel, channel_names, pixel_um,
+                    measure_params(expand_um, membrane_um, perinuclear_um, n_rays, neighbours))
 
 
 @dataclass(frozen=True)
@@ -199,7 +156,7 @@ class _NeighbourPlan:
     """Which layer columns (positions in the read channels) the neighbour correction rewrites."""
 
     markers: tuple[str, ...]
-    columns: dict[int, list[int]]  # layer index (_LAYERS) -> channel positions
+    columns: dict[int, list[int]]  # layer index (LAYERS) -> channel positions
     boundary_px: float
     boundary_um: float
 
@@ -222,29 +179,14 @@ def _neighbour_plan(names, boundary_um, markers, compartments, chans, pixel_um, 
                          f"({guard * pixel_um:g} µm), got {boundary_um}")
     columns: dict[int, list[int]] = {}
     for m in names:
-        layer = _LAYERS.index(COMPARTMENT_LAYERS[compartments[m]])
+        layer = LAYERS.index(COMPARTMENT_LAYERS[compartments[m]])
         columns.setdefault(layer, []).append(chans.index(markers[m]))
     return _NeighbourPlan(tuple(names), columns, float(boundary_px), float(boundary_um))
 
 
-def _check(image, shape_yx, markers, compartments, nuclear_channel, pixel_um, n_rays) -> list[int]:
-    """Validate the arguments; the sorted channel indices to read."""
-    if image.ndim != 3 or tuple(image.shape[1:]) != tuple(shape_yx):
-        raise ValueError(f"image must be (C, Y, X) with (Y, X) = {tuple(shape_yx)}, got {image.shape}")
-    if not pixel_um > 0 or n_rays < 3:
-        raise ValueError(f"need pixel_um > 0 and n_rays >= 3, got {pixel_um}, {n_rays}")
-    bad = {m: compartments.get(m) for m in markers if compartments.get(m) not in COMPARTMENT_LAYERS}
-    if bad:
-        raise ValueError(f"markers without a valid compartment ({', '.join(COMPARTMENT_LAYERS)}): {bad}")
-    chans = sorted({*markers.values(), nuclear_channel})
-    if chans and not 0 <= chans[0] <= chans[-1] < image.shape[0]:
-        raise ValueError(f"channel indices {chans} out of range for {image.shape[0]} channels")
-    return chans
-
-
 def _measure_tile(nuc: np.ndarray, cell: np.ndarray, img: np.ndarray, tile: Tile, box, shape_yx,
                   membrane_px: float, peri_px: float, guard: int, n_rays: int,
-                  neighbours: _NeighbourPlan | None = None) -> _Table:
+                  neighbours: _NeighbourPlan | None = None) -> CellTable:
     ny, nx = shape_yx
     ids, inverse, count = np.unique(nuc.ravel(), return_inverse=True, return_counts=True)
     h, w = nuc.shape
@@ -256,7 +198,7 @@ def _measure_tile(nuc: np.ndarray, cell: np.ndarray, img: np.ndarray, tile: Tile
     y0, x0, y1, x1 = tile.core
     own = (ids > 0) & (ry >= y0) & (ry < y1) & (rx >= x0) & (rx < x1)
     if not own.any():
-        return _Table.empty(img.shape[0], n_rays)
+        return CellTable.empty(img.shape[0], n_rays)
     owned = ids[own].astype(np.int64)
     lut = np.zeros(ids.size, np.int64)
     lut[own] = np.arange(1, owned.size + 1)
@@ -275,7 +217,7 @@ def _measure_tile(nuc: np.ndarray, cell: np.ndarray, img: np.ndarray, tile: Tile
     return table
 
 
-def _correct_neighbours(table: _Table, nuc, cell, img, owned, plan: _NeighbourPlan, membrane_px, peri_px,
+def _correct_neighbours(table: CellTable, nuc, cell, img, owned, plan: _NeighbourPlan, membrane_px, peri_px,
                         lo, hi, tile: Tile) -> None:
     """Rewrite the owned cells' means of the planned columns with the neighbour correction.
 
@@ -340,7 +282,7 @@ def perinuclear(nuclei: np.ndarray, distance_px: float) -> np.ndarray:
 
 
 def _measure_local(nuc_local, cell_local, cell, not_nucleus, peri_local, img, owned, membrane_px,
-                   n_rays) -> _Table:
+                   n_rays) -> CellTable:
     """Measure owned objects 1..k of a window (fast path, vectorised over cells)."""
     k = owned.size
     ring_local = np.where(_ring(cell, membrane_px), cell_local, 0)
@@ -360,7 +302,7 @@ def _measure_local(nuc_local, cell_local, cell, not_nucleus, peri_local, img, ow
         means[layer][empty] = means[1][empty]
     ecc = _eccentricity(nuc_local, k)
     solidity, centre, dist = _nucleus_shapes(nuc_local, k, n_rays)
-    return _Table(owned, counts[0], counts[4], np.zeros((k, 2)), ecc, solidity, np.stack(means), centre, dist)
+    return CellTable(owned, counts[0], counts[4], np.zeros((k, 2)), ecc, solidity, np.stack(means), centre, dist)
 
 
 def _ring(labels: np.ndarray, membrane_px: float) -> np.ndarray:
@@ -444,44 +386,3 @@ def _ray_dist(masks: Sequence[np.ndarray], centres: np.ndarray, n_rays: int) -> 
     for mask, (cy, cx), (sy, sx) in zip(masks, centres, slots * g):
         canvas[sy - cy:sy - cy + mask.shape[0], sx - cx:sx - cx + mask.shape[1]][mask] = 1
     return star_dist(canvas, n_rays=n_rays, grid=(g, g), mode="cpp")[slots[:, 0], slots[:, 1]]
-
-
-def _anndata(table: _Table, chans, markers, compartments, nuclear_channel, channel_names, pixel_um,
-             params: dict) -> ad.AnnData:
-    """The cells.h5ad AnnData of a table: µm, float32 layers, plain arrays and strings only."""
-    names = list(markers)
-    col = {c: j for j, c in enumerate(chans)}
-    cols = [col[markers[m]] for m in names]
-    layers = {name: table.means[j][:, cols].astype(np.float32) for j, name in enumerate(_LAYERS)}
-    X = np.empty((table.ids.size, len(names)), np.float32)
-    for j, m in enumerate(names):
-        X[:, j] = layers[COMPARTMENT_LAYERS[compartments[m]]][:, j]
-    y_um, x_um = table.centroid_yx[:, 0] * pixel_um, table.centroid_yx[:, 1] * pixel_um
-    obs = pd.DataFrame({
-        "cell_id": table.ids.astype(np.int64), "x_um": x_um, "y_um": y_um,
-        "area_um2": table.cell_px * pixel_um**2, "nucleus_area_um2": table.nucleus_px * pixel_um**2,
-        "eccentricity": table.eccentricity.astype(np.float64), "solidity": table.solidity.astype(np.float64),
-        "dapi_mean": table.means[0][:, col[nuclear_channel]],
-    }, index=pd.Index(table.ids.astype(str), name="cell"))
-    var = pd.DataFrame({
-        "compartment": [compartments[m] for m in names],
-        "channel": [channel_names[markers[m]] if channel_names is not None else f"C{markers[m]}" for m in names],
-    }, index=pd.Index(names, name="marker"))
-    adata = ad.AnnData(X=X, obs=obs, var=var, layers=layers)
-    adata.obsm["spatial"] = np.column_stack([x_um, y_um]).astype(np.float64)
-    adata.obsm["nucleus_polygon_um"] = _polygon_um(table, pixel_um)
-    adata.uns["spatial_unit"] = "um"
-    adata.uns["pixel_um"] = float(pixel_um)
-    adata.uns["cells"] = params
-    return adata
-
-
-def _polygon_um(table: _Table, pixel_um: float) -> np.ndarray:
-    """Vertices (n, n_rays, 2) float32 ``x, y`` µm, as stardist's ``dist_to_coord``."""
-    from stardist.geometry.geom2d import ray_angles
-
-    phi = ray_angles(table.ray_dist.shape[1])
-    d = table.ray_dist.astype(np.float64)
-    y = table.centre_yx[:, :1] + d * np.sin(phi)
-    x = table.centre_yx[:, 1:] + d * np.cos(phi)
-    return (np.stack([x, y], axis=-1) * pixel_um).astype(np.float32)

@@ -12,7 +12,9 @@ from collections.abc import Mapping, Sequence
 import anndata as ad
 import numpy as np
 
-from .quantify import _LAYERS, _MAX_STARDIST_ID, _MIN_RING_PX, _anndata, _check, _params, _Table, perinuclear
+from .cell_table import (LAYERS, MAX_STARDIST_ID, MIN_RING_PX, CellTable, cell_anndata, check_measure_inputs,
+                         measure_params)
+from .quantify import perinuclear
 
 __all__ = ["measure_cells_reference"]
 
@@ -42,25 +44,25 @@ def measure_cells_reference(
     from stardist.geometry import star_dist
 
     nuclei, cells, image = np.asarray(nuclei), np.asarray(cells), np.asarray(image)
-    chans = _check(image, nuclei.shape, markers, compartments, nuclear_channel, pixel_um, n_rays)
+    chans = check_measure_inputs(image, nuclei.shape, markers, compartments, nuclear_channel, pixel_um, n_rays)
     pixels = np.moveaxis(image[chans], 0, -1).astype(np.float64)
-    membrane_px = max(membrane_um / pixel_um, _MIN_RING_PX)
+    membrane_px = max(membrane_um / pixel_um, MIN_RING_PX)
     r = math.ceil(membrane_px) + 1
     props = regionprops(nuclei, intensity_image=pixels)
     cell_props = {p.label: p for p in regionprops(cells, intensity_image=pixels)}
     ids, inverse = np.unique(nuclei, return_inverse=True)
-    if ids.size > _MAX_STARDIST_ID:
-        raise ValueError(f"the reference handles at most {_MAX_STARDIST_ID} nuclei")
+    if ids.size > MAX_STARDIST_ID:
+        raise ValueError(f"the reference handles at most {MAX_STARDIST_ID} nuclei")
     dist = star_dist((inverse.reshape(nuclei.shape) + (ids[0] != 0)).astype(np.uint16), n_rays=n_rays, mode="cpp")
     k = len(props)
-    table = _Table.empty(len(chans), n_rays)
+    table = CellTable.empty(len(chans), n_rays)
     table.ids = np.array([p.label for p in props], np.int64)
     table.nucleus_px = np.array([p.area for p in props], np.float64)
     table.cell_px = np.array([cell_props[p.label].area for p in props], np.float64)
     table.centroid_yx = np.array([p.centroid for p in props], np.float64).reshape(k, 2)
     table.eccentricity = np.array([p.eccentricity for p in props], np.float64)
     table.solidity = np.array([p.solidity for p in props], np.float64)
-    table.means = np.zeros((len(_LAYERS), k, len(chans)))
+    table.means = np.zeros((len(LAYERS), k, len(chans)))
     peri = perinuclear(nuclei, perinuclear_um / pixel_um)
     centre = np.zeros((k, 2), np.int64)
     for i, p in enumerate(props):
@@ -78,5 +80,5 @@ def measure_cells_reference(
         if nuclei[centre[i, 0], centre[i, 1]] != p.label:
             centre[i] = p.coords[np.argmin(((p.coords - p.centroid) ** 2).sum(axis=1))]
     table.centre_yx, table.ray_dist = centre, dist[centre[:, 0], centre[:, 1]]
-    return _anndata(table, chans, markers, compartments, nuclear_channel, channel_names, pixel_um,
-                    _params(expand_um, membrane_um, perinuclear_um, n_rays))
+    return cell_anndata(table, chans, markers, compartments, nuclear_channel, channel_names, pixel_um,
+                    measure_params(expand_um, membrane_um, perinuclear_um, n_rays))
