@@ -19,7 +19,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
     manifest = synth_cohort(
         args.out, n_patients=args.patients, seed=args.seed, size_mm=tuple(args.size_mm), pixel_um=args.pixel_um,
-        style=args.style,
+        style=args.style, post_size_mm=tuple(args.post_size_mm) if args.post_size_mm else None,
     )
     print(f"wrote {manifest}")
     print(f"ground truth in {Path(args.out) / 'truth'}")
@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patients", type=int, default=2, help="number of patients (2 slides each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size-mm", nargs=2, type=float, default=(2.0, 1.5), metavar=("W", "H"))
+    p.add_argument("--post-size-mm", nargs=2, type=float, default=None, metavar=("W", "H"),
+                   help="size of the post-treatment resections (default: --size-mm)")
     p.add_argument("--pixel-um", type=float, default=0.5, help="pixel size (µm)")
     p.add_argument("--style", choices=("default", "external_lab"), default="default",
                    help="slide look: default (as trained) or external_lab (another lab's, for validation)")

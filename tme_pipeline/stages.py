@@ -43,7 +43,7 @@ from .results import CD3_CD8_PNG, CELLS, GATES_PNG, LABELS, MEASURED, SlideResul
 from .tiling import TileGrid
 
 __all__ = [
-    "Stage", "StageOutput", "SlideInputs", "STAGES", "check_stages", "lowres_channel", "segmentation_function",
+    "Stage", "StageOutput", "SlideInputs", "STAGES", "check_stages", "lowres_channel", "lowres_image", "segmentation_function",
     "segment_stage", "cells_stage", "measure_stage", "phenotype_stage", "qc_stage",
 ]
 
@@ -151,6 +151,39 @@ def lowres_channel(slide: Slide, channel: int, *, max_px: int = _LOWRES_MAX_PX) 
     factor = int(np.ceil(max(base.shape) / max_px))
     image = da.coarsen(np.mean, base, {0: factor, 1: factor}, trim_excess=True).compute()
     return np.asarray(image), slide.level_pixel_um(last) * factor
+
+
+def lowres_image(slide: Slide, *, target_um: float = 4.0) -> tuple[np.ndarray, float]:
+    """Every channel at a coarse pixel of about ``target_um``, from the pyramid, never level 0 whole.
+
+    Takes the coarsest level whose pixel is at most ``target_um`` and block-averages it by
+    the integer factor that brings its pixel closest to ``target_um`` from below, chunk by
+    chunk (a level with a coarser pixel than ``target_um`` is taken as it is when it is the
+    finest one).
+
+    Parameters
+    ----------
+    slide : Slide
+    target_um : float
+        Wanted pixel size (µm).
+
+    Returns
+    -------
+    image : ndarray, shape (C, Y', X'), float32
+        Means of the level-0 counts; pixel ``(i, j)`` covers ``[j, j+1) x [i, i+1)`` times
+        ``pixel_um`` µm from the slide's top left corner (trailing partial blocks dropped).
+    pixel_um : float
+    """
+    if not target_um > 0:
+        raise ValueError(f"target_um must be positive, got {target_um}")
+    sizes = [slide.level_pixel_um(i) for i in range(len(slide.levels))]
+    fine_enough = [i for i, um in enumerate(sizes) if um <= target_um * (1 + 1e-6)]
+    index = fine_enough[-1] if fine_enough else 0
+    factor = max(1, int(np.floor(target_um / sizes[index] + 1e-6)))
+    level = slide.levels[index].astype(np.float32)
+    if factor > 1:
+        level = da.coarsen(np.mean, level, {1: factor, 2: factor}, trim_excess=True)
+    return np.asarray(level.compute(), np.float32), sizes[index] * factor
 
 
 def segmentation_function(config: Config, *, pixel_um: float, nuclear_lowres: np.ndarray):

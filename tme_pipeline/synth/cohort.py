@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 def synth_cohort(out_dir: str | Path, *, n_patients: int = 2, seed: int = 0,
                  size_mm: tuple[float, float] = (2.0, 1.5), pixel_um: float = 0.5,
-                 style: str = "default") -> Path:
+                 style: str = "default", post_size_mm: tuple[float, float] | None = None) -> Path:
     """Write a synthetic cohort: a pre-SBRT biopsy and a post-treatment resection per patient.
 
     Half the patients (rounded up) are responders, assigned at random. Each patient has its
@@ -28,7 +28,9 @@ def synth_cohort(out_dir: str | Path, *, n_patients: int = 2, seed: int = 0,
     out_dir : output folder (created).
     n_patients : int >= 1.
     seed : int.
-    size_mm : (width, height) of every slide in mm.
+    size_mm : (width, height) of every slide in mm (the pre-SBRT biopsies' when
+        ``post_size_mm`` is given).
+    post_size_mm : (width, height) in mm of the post-treatment resections; None: ``size_mm``.
     pixel_um : level-0 pixel size in µm.
     style : slide style of every slide, see :func:`synth_slide`.
 
@@ -55,7 +57,8 @@ def synth_cohort(out_dir: str | Path, *, n_patients: int = 2, seed: int = 0,
             slide_seed = int(np.random.SeedSequence([seed, p, t]).generate_state(1)[0])
             cond = SlideCondition.for_sample(timepoint, str(responses[p]), immune_scale=round(float(immune[p]), 4))
             rel = Path("slides") / f"{slide_id}.ome.tif"
-            synth_slide(out / rel, size_mm=size_mm, seed=slide_seed, pixel_um=pixel_um, condition=cond,
+            size = post_size_mm if (timepoint == "post" and post_size_mm) else size_mm
+            synth_slide(out / rel, size_mm=size, seed=slide_seed, pixel_um=pixel_um, condition=cond,
                         truth_dir=out / "truth" / slide_id, style=style)
             rows.append({"patient_id": pid, "timepoint": timepoint, "slide": rel.as_posix(),
                          "response": str(responses[p])})

@@ -93,6 +93,9 @@ def synth_slide(path: str | Path, *, size_mm: tuple[float, float] = (2.0, 1.5), 
             "region_um": layout.coarse_um, "n_cells": len(cells), "style": look.to_dict()}
     masks = layout.masks
     metrics = compute_metrics(cells, masks, layout.coarse_um, tls)
+    # The tumour bed as a pathologist draws it: the whole tumour compartment, its necrosis included.
+    masks["tumor_bed"] = layout.tumor_comp.copy()
+    metrics["area_tumor_bed_mm2"] = layout.area_mm2(layout.tumor_comp)
     truth = SlideTruth(cells, tls, masks, layout.coarse_um, {r: metrics[f"area_{r}_mm2"] for r in masks},
                        metrics, meta)
     if truth_dir is not None:

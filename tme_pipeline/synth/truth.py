@@ -5,7 +5,9 @@ Files in a truth folder
 ``cells.csv.gz``     one row per cell (``cell_id`` = label id), see :func:`make_cells`.
 ``tls.geojson``      TLS outlines in level-0 px (closed rings); properties tls_id, maturity,
                      area_um2, x_um, y_um (centre), n_B, n_T; ``pixel_um`` on the collection.
-``regions.npz``      coarse boolean masks tissue/tumor/margin/stroma/necrosis and ``um_per_px``;
+``regions.npz``      coarse boolean masks tissue/tumor/margin/stroma/necrosis, ``tumor_bed``
+                     (the whole tumour compartment, necrosis and its own margin side included;
+                     absent in truth written before it was added) and ``um_per_px``;
                      mask pixel (i, j) covers [j, j+1) x [i, i+1) times ``um_per_px`` µm.
 ``metrics.json``     expected metrics, see :func:`compute_metrics`.
 ``truth.json``       seed, pixel size, size, condition, acquisition, crop origin.
@@ -192,8 +194,8 @@ def load_truth(truth_dir: str | Path) -> SlideTruth:
         rows.append({**p, "polygon_px": poly})
     tls = pd.DataFrame(rows, columns=["tls_id", "maturity", "area_um2", "x_um", "y_um", "n_B", "n_T", "polygon_px"])
     with np.load(d / "regions.npz", allow_pickle=False) as z:
-        regions = {k: z[k] for k in REGION_NAMES}
+        regions = {k: z[k] for k in (*REGION_NAMES, "tumor_bed") if k in z.files}
         region_um = float(z["um_per_px"])
     metrics = json.loads((d / "metrics.json").read_text())
-    areas = {r: metrics[f"area_{r}_mm2"] for r in REGION_NAMES}
+    areas = {r: metrics[f"area_{r}_mm2"] for r in regions}
     return SlideTruth(cells, tls, regions, region_um, areas, metrics, meta)
