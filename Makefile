@@ -39,6 +39,32 @@ $(VENV_SQ)/.installed:
 	$(VENV_SQ)/bin/python -m pip install -q $(SQUIDPY_SPECS)
 	touch $@
 
+# --- napari plugin (tme-napari, issue 14) -----------------------------------------------------
+# The reader (and later the review widget) is its own distribution in napari_plugin/, installed
+# editable into .venv beside the package, with pytest-qt for its tests; napari's pins are in
+# constraints.txt. Its tests open a napari viewer, which needs an X server and OpenGL: they run
+# under `xvfb-run -a` with Mesa's software renderer, from these Debian packages, installed only
+# when one is missing (apt-get as root, else through sudo).
+NAPARI_DEBS := xvfb xauth libgl1-mesa-dri libgl1 libegl1 libdbus-1-3 libfontconfig1 \
+	libxkbcommon-x11-0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-randr0 \
+	libxcb-render-util0 libxcb-xinerama0 libxcb-xfixes0 libxcb-shape0 libxcb-cursor0 libxcb-xkb1
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(VENV)/.napari-installed: $(VENV)/.installed napari_plugin/pyproject.toml constraints.txt
+	$(PY) -m pip install -q -c constraints.txt -e "./napari_plugin[test]"
+	touch $@
+
+napari-debs:
+	@if [ "$$(dpkg-query -W -f='$${Status}\n' $(NAPARI_DEBS) 2>/dev/null | grep -c 'ok installed')" \
+	    -ne $(words $(NAPARI_DEBS)) ]; then \
+	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(NAPARI_DEBS); \
+	fi
+
+napari: $(VENV)/.napari-installed napari-debs
+
+.PHONY: napari napari-debs
+# --- end napari plugin ------------------------------------------------------------------------
+
 # The cohort is written once: rewriting its slides would make every stage of demo/out stale.
 # `make demo DEMO_CONFIG=my.yaml` re-runs with a changed config; tme run recomputes only the
 # stages the change makes stale and prints, per slide, which it reused and which it ran.
@@ -53,8 +79,8 @@ demo: venv demo/data/manifest.csv
 	@echo "Demo cohort:  demo/data/manifest.csv (truth in demo/data/truth/)"
 	@echo "Outputs:      demo/out/run.json and demo/out/slides/<slide_id>/"
 
-test: venv $(VENV_TF)/.installed $(VENV_SQ)/.installed
-	TME_REQUIRE_TF_REFERENCE=1 TME_REQUIRE_SQUIDPY=1 $(PY) -m pytest -q tests
+test: venv napari $(VENV_TF)/.installed $(VENV_SQ)/.installed
+	TME_REQUIRE_TF_REFERENCE=1 TME_REQUIRE_SQUIDPY=1 xvfb-run -a $(PY) -m pytest -q tests
 
 bench-segment: venv $(VENV_TF)/.installed
 	$(PY) scripts/bench_segment.py --out bench_out/segment.json

@@ -1,0 +1,360 @@
+"""Layer data for one slide's results, as plain ``(data, kwargs, layer_type)`` tuples.
+
+Nothing here imports napari: the tuples are what an npe2 reader returns, so they are built
+and tested without a viewer. Every layer is placed in µm (``scale`` = pixel size in µm for
+pixel layers, coordinates already in µm for points and shapes), so the scale bar is right.
+Nothing computes a full level-0 array: images and labels stay lazy dask pyramids, and the
+contrast of each marker comes from a few chunks of the smallest level.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "UNITS", "LayerData", "marker_colormap", "contrast_limits", "slide_layers", "label_layers",
+    "overview_layer", "cell_points_layer", "shapes_layer", "result_folder_layers",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The unit of every layer's coordinates (pint spelling, as napari's ``units`` wants it).
+UNITS = "micrometer"
+
+LayerData = tuple  # (data, kwargs dict, layer type str): npe2's LayerData tuple
+
+# DAPI is blue by convention; the others get additive colormaps that stay distinct when
+# several markers are shown together.
+_MARKER_COLORMAPS = ("green", "magenta", "yellow", "cyan", "red", "bop orange", "bop purple", "gray")
+_NUCLEAR_NAMES = ("dapi", "hoechst")
+
+# Fixed colours for the phenotypes the pipeline calls, so a colour means the same cell type
+# on every slide; other names take the next colour of _EXTRA_RGB.
+_PHENOTYPE_RGB = {
+    "CD8_T": (0.89, 0.10, 0.11), "CD4_T": (1.0, 0.50, 0.0), "Treg": (0.60, 0.31, 0.64),
+    "B": (0.22, 0.49, 0.72), "tumor": (0.30, 0.69, 0.29), "other": (0.6, 0.6, 0.6),
+}
+_EXTRA_RGB = ((0.65, 0.34, 0.16), (0.97, 0.51, 0.75), (0.0, 0.8, 0.8), (0.9, 0.9, 0.2), (0.4, 0.4, 1.0))
+_MISSING_RGBA = (0.5, 0.5, 0.5, 1.0)
+
+
+def marker_colormap(name: str, index: int) -> str:
+    """The napari colormap name of marker ``name``, the ``index``-th non-nuclear one.
+
+    Parameters
+    ----------
+    name : str
+        Channel name.
+    index : int
+        Its position among the non-nuclear channels (0-based); the colours cycle.
+
+    Returns
+    -------
+    str
+        ``"blue"`` for DAPI/Hoechst, otherwise one of a fixed cycle of additive colormaps.
+    """
+    if name.lower() in _NUCLEAR_NAMES:
+        return "blue"
+    return _MARKER_COLORMAPS[index % len(_MARKER_COLORMAPS)]
+
+
+def contrast_limits(level_cyx, *, percentiles: tuple[float, float] = (1.0, 99.8),
+                    max_blocks: int = 16) -> np.ndarray:
+    """Per-channel display range from a sample of a (low-resolution) pyramid level.
+
+    Parameters
+    ----------
+    level_cyx : dask.array.Array or numpy.ndarray, shape (C, Y, X)
+        Usually the slide's smallest level.
+    percentiles : (float, float)
+        Lower and upper percentile of the sampled intensities.
+    max_blocks : int
+        At most about this many (Y, X) chunks are read, spread evenly over the level, so a
+        slide without a pyramid is still not read whole.
+
+    Returns
+    -------
+    numpy.ndarray, shape (C, 2), float64
+        ``[low, high]`` per channel in the slide's intensity units, ``high > low``.
+    """
+    import dask.array as da
+
+    if level_cyx.ndim != 3:
+        raise ValueError(f"contrast_limits needs a (C, Y, X) level, got shape {level_cyx.shape}")
+    if not 0 <= percentiles[0] < percentiles[1] <= 100:
+        raise ValueError(f"percentiles must be increasing within 0-100, got {percentiles}")
+    arr = da.asarray(level_cyx)
+    ny, nx = arr.numblocks[1], arr.numblocks[2]
+    # Strides over chunks keep the sample spread over the tissue, not one corner.
+    side = max(1, int(np.sqrt(max_blocks)))
+    sy, sx = max(1, -(-ny // side)), max(1, -(-nx // side))
+    blocks = arr.blocks[:, ::sy, ::sx]
+    sample = np.asarray(blocks.compute(), dtype=np.float64).reshape(arr.shape[0], -1)
+    lims = np.percentile(sample, percentiles, axis=1).T
+    # A flat channel (blank or saturated) still needs a non-empty range to display.
+    flat = lims[:, 1] <= lims[:, 0]
+    lims[flat, 1] = lims[flat, 0] + 1.0
+    return lims
+
+
+def slide_layers(slide, *, markers: Sequence[str] | None = None) -> list[LayerData]:
+    """One lazy multiscale image layer per channel of a slide.
+
+    Parameters
+    ----------
+    slide : tme_pipeline.io.slides.Slide
+        ``levels`` (C, Y, X) dask arrays, ``channel_names``, ``pixel_um``.
+    markers : sequence of str, optional
+        Layer names, one per channel (e.g. the panel's marker names); by default the
+        slide's channel names.
+
+    Returns
+    -------
+    list of (list of dask.array.Array (Y, X), dict, "image")
+        Additive blending; ``scale`` = level-0 pixel size (µm) on both axes; contrast from
+        :func:`contrast_limits` of the smallest level.
+    """
+    names = list(markers) if markers is not None else list(slide.channel_names)
+    if len(names) != len(slide.channel_names):
+        raise ValueError(f"{slide.path}: {len(names)} marker names for {len(slide.channel_names)} channels")
+    lims = contrast_limits(slide.levels[-1])
+    layers, others = [], 0
+    for c, name in enumerate(names):
+        cmap = marker_colormap(name, others)
+        others += cmap != "blue"
+        kwargs = {
+            "name": name, "scale": (slide.pixel_um, slide.pixel_um), "units": UNITS,
+            "colormap": cmap, "contrast_limits": tuple(float(v) for v in lims[c]),
+            "blending": "additive", "multiscale": True,
+            "metadata": {"path": str(slide.path), "channel": slide.channel_names[c]},
+        }
+        layers.append(([level[c] for level in slide.levels], kwargs, "image"))
+    return layers
+
+
+def label_layers(results, *, pixel_um: float, names: Sequence[str] = ("nuclei", "cells")) -> list[LayerData]:
+    """The label pyramids of ``labels.ome.zarr`` as lazy multiscale labels layers.
+
+    Parameters
+    ----------
+    results : tme_pipeline.results.SlideResults
+    pixel_um : float
+        Level-0 pixel size of the slide, µm.
+    names : sequence of str
+        Label images to show; absent ones are skipped.
+
+    Returns
+    -------
+    list of (list of dask.array.Array (Y, X) uint32, dict, "labels")
+        Label value = ``obs['cell_id']`` of the cell table; only ``nuclei`` visible at first.
+    """
+    layers = []
+    for name in names:
+        levels = []
+        while True:
+            try:
+                levels.append(results.labels(name, level=len(levels)))
+            except ValueError:
+                break
+        if not levels:
+            logger.info("%s: no %s labels", results.folder, name)
+            continue
+        kwargs = {"name": name, "scale": (pixel_um, pixel_um), "units": UNITS, "multiscale": True,
+                  "opacity": 0.5, "visible": name == "nuclei"}
+        layers.append((levels, kwargs, "labels"))
+    return layers
+
+
+def overview_layer(results) -> LayerData | None:
+    """The low-resolution DAPI overview stored in ``labels.ome.zarr``, when the slide is not at hand.
+
+    Returns
+    -------
+    (numpy.ndarray (Y, X), dict, "image") or None
+        ``scale`` from the store's NGFF metadata (µm per overview pixel); None if absent.
+    """
+    import zarr
+
+    path = results.folder / "labels.ome.zarr"
+    if not path.is_dir():
+        return None
+    root = zarr.open_group(str(path), mode="r")
+    if "0" not in root or "multiscales" not in root.attrs:
+        return None
+    transforms = root.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    scale_yx = tuple(float(s) for s in transforms[0]["scale"][-2:])
+    image = np.asarray(root["0"][0])
+    return (image, {"name": "DAPI overview", "scale": scale_yx, "units": UNITS, "colormap": "blue",
+                    "blending": "additive"}, "image")
+
+
+def _phenotype_palette(phenotype) -> tuple[np.ndarray, dict]:
+    """Per-cell RGBA (N, 4) of a phenotype column by category code (vectorised), and the legend."""
+    import pandas as pd
+
+    cat = pd.Categorical(phenotype)
+    palette = np.empty((len(cat.categories) + 1, 4))
+    extra = 0
+    for i, name in enumerate(cat.categories):
+        rgb = _PHENOTYPE_RGB.get(str(name))
+        if rgb is None:
+            rgb, extra = _EXTRA_RGB[extra % len(_EXTRA_RGB)], extra + 1
+        palette[i] = (*rgb, 1.0)
+    palette[-1] = _MISSING_RGBA  # code -1 (no phenotype) indexes the last row
+    legend = {str(name): tuple(float(v) for v in palette[i]) for i, name in enumerate(cat.categories)}
+    return palette[np.asarray(cat.codes)], legend
+
+
+def cell_points_layer(cells, *, size_um: float = 6.0) -> LayerData:
+    """The cells as points at their centroids, coloured by phenotype, the table as features.
+
+    Parameters
+    ----------
+    cells : anndata.AnnData
+        ``obs`` with ``x_um``, ``y_um`` (µm) and a ``phenotype`` column (categorical).
+    size_um : float
+        Point diameter, µm.
+
+    Returns
+    -------
+    (numpy.ndarray (N, 2) float (y, x) in µm, dict, "points")
+        ``features`` is ``obs``; ``face_color`` one RGBA per cell (fixed colour per
+        phenotype); ``metadata['phenotype_colors']`` maps phenotype -> RGBA for a legend.
+    """
+    obs = cells.obs
+    missing = [c for c in ("x_um", "y_um", "phenotype") if c not in obs.columns]
+    if missing:
+        raise ValueError(f"cell table has no column(s) {missing}; have {list(obs.columns)}")
+    if not size_um > 0:
+        raise ValueError(f"size_um must be positive, got {size_um}")
+    data = np.column_stack([obs["y_um"].to_numpy(np.float64), obs["x_um"].to_numpy(np.float64)])
+    colors, legend = _phenotype_palette(obs["phenotype"])
+    features = obs.reset_index(drop=True)
+    kwargs = {"name": "cells (phenotype)", "scale": (1.0, 1.0), "units": UNITS, "size": size_um,
+              "face_color": colors, "border_width": 0.0, "features": features,
+              "metadata": {"phenotype_colors": legend}}
+    return (data, kwargs, "points")
+
+
+def _polygons_yx(geometry) -> list[np.ndarray]:
+    """Exterior rings (y, x) in µm of a (Multi)Polygon; napari shapes have no holes."""
+    parts = getattr(geometry, "geoms", [geometry])
+    rings = []
+    for part in parts:
+        if part.geom_type != "Polygon" or part.is_empty:
+            continue
+        xy = np.asarray(part.exterior.coords)[:-1]
+        rings.append(xy[:, ::-1].copy())
+    return rings
+
+
+def shapes_layer(features: Sequence[tuple[object, dict]], *, name: str, edge_width_um: float = 4.0,
+                 face_alpha: float = 0.15) -> LayerData | None:
+    """QuPath features (from :func:`tme_pipeline.geojson.read_geojson`) as a Shapes layer.
+
+    Parameters
+    ----------
+    features : sequence of (shapely geometry in µm, properties dict)
+    name : str
+        Layer name (``"regions"``, ``"TLS"``).
+    edge_width_um : float
+        Outline width, µm.
+    face_alpha : float
+        Fill opacity, 0-1.
+
+    Returns
+    -------
+    (list of numpy.ndarray (V, 2) (y, x) µm, dict, "shapes") or None
+        One polygon per part of each feature (a MultiPolygon gives several with the same
+        properties); colours from each feature's QuPath classification colour (for TLS, the
+        maturity); ``features`` has ``name`` (the classification), every measurement and
+        every scalar property. None if there is no polygon.
+    """
+    import pandas as pd
+
+    polygons, rows, colors = [], [], []
+    for geometry, props in features:
+        cls = props.get("classification") or {}
+        rgb = np.asarray(cls.get("color", (255, 255, 0)), dtype=np.float64)[:3] / 255.0
+        row = {"name": str(cls.get("name", ""))}
+        row.update({k: v for k, v in props.items()
+                    if isinstance(v, (int, float, str, bool)) and k != "objectType"})
+        row.update({str(k): float(v) for k, v in (props.get("measurements") or {}).items()})
+        for ring in _polygons_yx(geometry):
+            polygons.append(ring)
+            rows.append(row)
+            colors.append(rgb)
+    if not polygons:
+        return None
+    edge = np.column_stack([np.asarray(colors), np.ones(len(colors))])
+    face = edge.copy()
+    face[:, 3] = face_alpha
+    kwargs = {"name": name, "scale": (1.0, 1.0), "units": UNITS, "shape_type": "polygon",
+              "edge_color": edge, "face_color": face, "edge_width": edge_width_um,
+              "features": pd.DataFrame(rows), "text": {"string": "{name}", "size": 10, "color": "white"}}
+    return (polygons, kwargs, "shapes")
+
+
+def result_folder_layers(folder: str | Path, *, load_slide: bool = True) -> list[LayerData]:
+    """Every layer of one slide's result folder ``OUT/slides/<slide_id>/``.
+
+    Parameters
+    ----------
+    folder : str or Path
+        The slide's result folder (``cells.h5ad``, ``labels.ome.zarr``, ...).
+    load_slide : bool
+        Open the slide file named in ``cells.uns['slide']['path']``; when False or the file
+        is gone, the DAPI overview of ``labels.ome.zarr`` stands in.
+
+    Returns
+    -------
+    list of LayerData
+        In drawing order: marker images (or the overview), ``nuclei`` and ``cells`` labels,
+        ``regions`` and ``TLS`` shapes when their GeoJSON exists, and the cell points.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``folder`` has no ``cells.h5ad`` (not a finished slide's results).
+    """
+    from tme_pipeline.geojson import read_geojson
+    from tme_pipeline.io.slides import open_slide
+    from tme_pipeline.results import REGIONS_GEOJSON, TLS_GEOJSON, SlideResults
+
+    folder = Path(folder)
+    results = SlideResults(folder.name, folder)
+    # Backed: only obs and uns are read; the intensity matrices (10^6 cells x markers x
+    # compartments) are not needed for display.
+    cells = results.cells(backed=True)
+    info = cells.uns.get("slide", {})
+    pixel_um = float(info.get("pixel_um", cells.uns.get("pixel_um", 0.0)))
+    if not pixel_um > 0:
+        raise ValueError(f"{results.file('cells.h5ad')}: no positive uns['slide']['pixel_um']")
+
+    layers: list[LayerData] = []
+    slide_path = Path(str(info.get("path", "")))
+    if load_slide and info.get("path") and slide_path.exists():
+        slide = open_slide(slide_path, channel_names=list(info["channels"]) if "channels" in info else None,
+                           pixel_um=pixel_um)
+        # Layers named by marker (PD-L1), not by the file's channel name (PDL1), where known.
+        by_channel = {str(ch): str(m) for m, ch in dict(info.get("markers", {})).items()}
+        layers += slide_layers(slide, markers=[by_channel.get(ch, ch) for ch in slide.channel_names])
+    else:
+        logger.warning("%s: slide file %s not found; showing the DAPI overview", folder, slide_path)
+        overview = overview_layer(results)
+        if overview is not None:
+            layers.append(overview)
+    layers += label_layers(results, pixel_um=pixel_um)
+    for file, name in ((REGIONS_GEOJSON, "regions"), (TLS_GEOJSON, "TLS")):
+        path = results.file(file)
+        if path.is_file():
+            shapes = shapes_layer(read_geojson(path)[0], name=name)
+            if shapes is not None:
+                layers.append(shapes)
+    layers.append(cell_points_layer(cells))
+    cells.file.close()
+    return layers

@@ -1,0 +1,254 @@
+"""tme-napari reader: the plain layer functions without a viewer, then a reader round trip in
+napari (``make_napari_viewer``, run under ``xvfb-run -a`` by ``make test``).
+
+The result folder is written by hand here, small and with known content: a 3-channel OME-TIFF
+whose channels have disjoint intensity ranges, a labels store with known cells, a cell table
+and QuPath GeoJSON for regions and TLS.
+"""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import dask.array as da
+import numpy as np
+import pandas as pd
+import pytest
+from shapely.geometry import MultiPolygon, Polygon, box
+
+from slide_writers import write_ome_tiff
+from tme_napari.layers import (
+    cell_points_layer,
+    contrast_limits,
+    result_folder_layers,
+    shapes_layer,
+    slide_layers,
+)
+from tme_napari.reader import napari_get_reader
+from tme_pipeline.geojson import feature, feature_collection, write_geojson
+from tme_pipeline.io.labels import create_labels_zarr, write_label_pyramid, write_overview_image
+from tme_pipeline.io.slides import open_slide
+from tme_pipeline.results import CELLS, LABELS, REGIONS_GEOJSON, STAGES_JSON, TLS_GEOJSON
+
+PIXEL_UM = 0.5
+SIZE_PX = 256
+CHANNELS = ("DAPI", "CD3", "PDL1")
+MARKERS = {"DAPI": "DAPI", "CD3": "CD3", "PD-L1": "PDL1"}
+# Disjoint per-channel intensity ranges: each channel's contrast must land inside its own.
+RANGES = ((100, 200), (1000, 1500), (5000, 9000))
+N_CELLS = 12
+PHENOTYPES = ("CD8_T", "tumor", "other")
+MATURE = (0, 128, 0)
+EARLY = (255, 165, 0)
+
+
+def _tls_features():
+    two_part = MultiPolygon([box(10, 10, 30, 30), box(40, 10, 60, 30)])
+    return [
+        feature(two_part, pixel_um=PIXEL_UM, name="SFL", color=MATURE, measurements={"area_um2": 800.0},
+                properties={"tls_id": 1}),
+        feature(Polygon([(70, 70), (100, 70), (85, 110)]), pixel_um=PIXEL_UM, name="E-TLS", color=EARLY,
+                measurements={"area_um2": 600.0}, properties={"tls_id": 2}),
+    ]
+
+
+@pytest.fixture
+def result_folder(tmp_path):
+    """``OUT/slides/S1`` with slide, labels, cells, regions and TLS; returns (folder, obs)."""
+    rng = np.random.default_rng(0)
+    data = np.stack([rng.integers(lo, hi, size=(SIZE_PX, SIZE_PX)) for lo, hi in RANGES]).astype(np.uint16)
+    slide_path = write_ome_tiff(tmp_path / "S1.ome.tif", data, pixel_um=PIXEL_UM, channel_names=CHANNELS,
+                                pyramid_levels=3, tile=64)
+    folder = tmp_path / "out" / "slides" / "S1"
+    folder.mkdir(parents=True)
+    (folder / STAGES_JSON).write_text("{}")
+
+    root = create_labels_zarr(folder / LABELS, shape_yx=(SIZE_PX, SIZE_PX), pixel_um=PIXEL_UM, chunk_px=64)
+    nuclei = np.zeros((SIZE_PX, SIZE_PX), np.uint32)
+    for i in range(N_CELLS):
+        y, x = divmod(i, 4)
+        nuclei[20 + 50 * y: 30 + 50 * y, 20 + 50 * x: 30 + 50 * x] = i + 1
+    for name in ("nuclei", "cells"):
+        root[f"labels/{name}/0"][:] = nuclei
+        write_label_pyramid(root, name, pixel_um=PIXEL_UM)
+    write_overview_image(root, data[:1, ::4, ::4], pixel_um=PIXEL_UM * 4)
+
+    idx = np.arange(N_CELLS)
+    obs = pd.DataFrame({
+        "cell_id": idx + 1,
+        "x_um": (25 + 50 * (idx % 4)) * PIXEL_UM,
+        "y_um": (25 + 50 * (idx // 4)) * PIXEL_UM,
+        "area_um2": np.full(N_CELLS, 25.0),
+        "CD3_pos": idx % 3 == 0,
+        "phenotype": pd.Categorical([PHENOTYPES[i % 3] for i in idx], categories=PHENOTYPES),
+    }, index=[str(i) for i in idx])
+    cells = ad.AnnData(X=rng.random((N_CELLS, len(CHANNELS))).astype(np.float32), obs=obs)
+    cells.uns["slide"] = {"path": str(slide_path), "pixel_um": PIXEL_UM, "channels": list(CHANNELS),
+                          "markers": MARKERS}
+    cells.write_h5ad(folder / CELLS)
+
+    write_geojson(folder / TLS_GEOJSON, feature_collection(_tls_features(), pixel_um=PIXEL_UM))
+    regions = [feature(box(0, 0, 64, 128), pixel_um=PIXEL_UM, name="Tumor", color=(200, 0, 0))]
+    write_geojson(folder / REGIONS_GEOJSON, feature_collection(regions, pixel_um=PIXEL_UM))
+    return folder, obs
+
+
+# --- plain functions, no viewer -------------------------------------------------------------------
+
+def test_contrast_limits_inside_each_channel_range():
+    rng = np.random.default_rng(1)
+    level = np.stack([rng.integers(lo, hi, size=(64, 64)) for lo, hi in RANGES])
+    lims = contrast_limits(da.from_array(level, chunks=(3, 16, 16)))
+    assert lims.shape == (3, 2)
+    for (low, high), (lo, hi) in zip(lims, RANGES):
+        assert lo <= low < high <= hi
+
+
+def test_contrast_limits_reads_a_sample_of_chunks_only():
+    reads = []
+
+    def count(block):
+        if block.size:  # dask calls once with an empty block to infer the output
+            reads.append(block.shape)
+        return block
+
+    level = da.zeros((1, 1024, 1024), chunks=(1, 64, 64), dtype=np.float32).map_blocks(count, dtype=np.float32)
+    lims = contrast_limits(level, max_blocks=16)
+    assert 0 < len(reads) <= 16 < level.numblocks[1] * level.numblocks[2]
+    assert lims[0, 1] > lims[0, 0], "a flat channel still gets a usable range"
+
+
+def test_contrast_limits_rejects_a_2d_array():
+    with pytest.raises(ValueError, match="C, Y, X"):
+        contrast_limits(np.zeros((8, 8)))
+
+
+def test_slide_layers_lazy_multiscale_in_um(result_folder):
+    folder, _ = result_folder
+    slide = open_slide(folder.parents[2] / "S1.ome.tif")
+    layers = slide_layers(slide, markers=["DAPI", "CD3", "PD-L1"])
+    assert [k["name"] for _, k, _ in layers] == ["DAPI", "CD3", "PD-L1"]
+    assert {t for _, _, t in layers} == {"image"}
+    cmaps = [k["colormap"] for _, k, _ in layers]
+    assert cmaps[0] == "blue" and len(set(cmaps)) == 3
+    for c, (levels, kwargs, _) in enumerate(layers):
+        assert kwargs["scale"] == (PIXEL_UM, PIXEL_UM)
+        assert kwargs["multiscale"] and len(levels) == 3
+        assert all(isinstance(lv, da.Array) for lv in levels)
+        assert levels[0].shape == (SIZE_PX, SIZE_PX)
+        lo, hi = RANGES[c]
+        assert lo <= kwargs["contrast_limits"][0] < kwargs["contrast_limits"][1] <= hi
+    with pytest.raises(ValueError, match="marker names"):
+        slide_layers(slide, markers=["DAPI"])
+
+
+def test_cell_points_positions_colours_and_features(result_folder):
+    folder, obs = result_folder
+    cells = ad.read_h5ad(folder / CELLS)
+    data, kwargs, kind = cell_points_layer(cells, size_um=5.0)
+    assert kind == "points" and kwargs["size"] == 5.0
+    np.testing.assert_allclose(data, obs[["y_um", "x_um"]].to_numpy())
+    colors = kwargs["face_color"]
+    assert colors.shape == (N_CELLS, 4)
+    by_type = {p: {tuple(c) for c in colors[obs["phenotype"].to_numpy() == p]} for p in PHENOTYPES}
+    assert all(len(c) == 1 for c in by_type.values()), "one colour per phenotype"
+    assert len({next(iter(c)) for c in by_type.values()}) == len(PHENOTYPES), "phenotypes distinguishable"
+    assert set(kwargs["metadata"]["phenotype_colors"]) == set(PHENOTYPES)
+    assert len(kwargs["features"]) == N_CELLS
+    assert list(kwargs["features"]["cell_id"]) == list(obs["cell_id"])
+
+
+def test_cell_points_missing_column_is_named():
+    cells = ad.AnnData(obs=pd.DataFrame({"x_um": [1.0], "y_um": [2.0]}, index=["0"]))
+    with pytest.raises(ValueError, match="phenotype"):
+        cell_points_layer(cells)
+
+
+def test_shapes_layer_one_shape_per_part_coloured_by_classification(tmp_path):
+    from tme_pipeline.geojson import read_geojson
+
+    path = tmp_path / "tls.geojson"
+    write_geojson(path, feature_collection(_tls_features(), pixel_um=PIXEL_UM))
+    polygons, kwargs, kind = shapes_layer(read_geojson(path)[0], name="TLS")
+    assert kind == "shapes" and len(polygons) == 3  # the MultiPolygon gives two
+    # (y, x) in µm: the first part is box(10, 10, 30, 30) in µm.
+    np.testing.assert_allclose(polygons[0].min(axis=0), [10, 10])
+    np.testing.assert_allclose(polygons[0].max(axis=0), [30, 30])
+    assert list(kwargs["features"]["name"]) == ["SFL", "SFL", "E-TLS"]
+    assert list(kwargs["features"]["tls_id"]) == [1, 1, 2]
+    assert list(kwargs["features"]["area_um2"]) == [800.0, 800.0, 600.0]
+    np.testing.assert_allclose(kwargs["edge_color"][0, :3], np.array(MATURE) / 255)
+    np.testing.assert_allclose(kwargs["edge_color"][2, :3], np.array(EARLY) / 255)
+    assert shapes_layer([], name="TLS") is None
+
+
+def test_result_folder_layers_order_and_counts(result_folder):
+    folder, _ = result_folder
+    layers = result_folder_layers(folder)
+    assert [(k["name"], t) for _, k, t in layers] == [
+        ("DAPI", "image"), ("CD3", "image"), ("PD-L1", "image"), ("nuclei", "labels"), ("cells", "labels"),
+        ("regions", "shapes"), ("TLS", "shapes"), ("cells (phenotype)", "points"),
+    ]
+    nuclei = layers[3][0]
+    assert len(nuclei) >= 2 and all(isinstance(lv, da.Array) for lv in nuclei)
+    assert int(nuclei[0][25, 25].compute()) == 1
+
+
+def test_moved_slide_and_no_geojson_fall_back(result_folder):
+    folder, _ = result_folder
+    (folder.parents[2] / "S1.ome.tif").unlink()
+    (folder / TLS_GEOJSON).unlink()
+    (folder / REGIONS_GEOJSON).unlink()
+    layers = result_folder_layers(folder)
+    names = [k["name"] for _, k, _ in layers]
+    assert names == ["DAPI overview", "nuclei", "cells", "cells (phenotype)"]
+    overview, kwargs, _ = layers[0]
+    assert kwargs["scale"] == (PIXEL_UM * 4, PIXEL_UM * 4)
+    assert overview.shape == (SIZE_PX // 4, SIZE_PX // 4)
+
+
+def test_get_reader_refuses_foreign_paths(result_folder, tmp_path):
+    folder, _ = result_folder
+    (tmp_path / "notes.txt").write_text("hello")
+    plain = tmp_path / "plain.tif"
+    write_ome_tiff(plain, np.zeros((1, 32, 32), np.uint16), pixel_um=None, channel_names=None, pyramid_levels=1,
+                   tile=None)
+    assert napari_get_reader(str(tmp_path / "notes.txt")) is None
+    assert napari_get_reader(str(tmp_path / "missing.tif")) is None
+    assert napari_get_reader(str(plain)) is None  # no pixel size: not shown at a wrong scale
+    assert napari_get_reader(str(folder.parent)) is None  # OUT/slides, not one slide
+    assert napari_get_reader([str(folder), str(folder)]) is None
+    assert napari_get_reader(str(folder)) is not None
+    assert napari_get_reader([str(folder)]) is not None
+
+
+# --- in napari ------------------------------------------------------------------------------------
+
+def test_reader_round_trip_in_viewer(make_napari_viewer, result_folder):
+    folder, obs = result_folder
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(folder), plugin="tme-napari")
+    by_name = {layer.name: layer for layer in layers}
+    assert list(by_name) == ["DAPI", "CD3", "PD-L1", "nuclei", "cells", "regions", "TLS", "cells (phenotype)"]
+    for name in ("DAPI", "CD3", "PD-L1", "nuclei", "cells"):
+        assert by_name[name].multiscale
+        np.testing.assert_allclose(by_name[name].scale, [PIXEL_UM, PIXEL_UM])
+        # The scene extent is the slide in µm.
+        np.testing.assert_allclose(by_name[name].extent.world[1] - by_name[name].extent.world[0],
+                                   [SIZE_PX * PIXEL_UM] * 2, atol=PIXEL_UM)
+    points = by_name["cells (phenotype)"]
+    assert len(points.data) == N_CELLS
+    assert list(points.features["phenotype"]) == list(obs["phenotype"])
+    assert by_name["TLS"].nshapes == 3 and by_name["regions"].nshapes == 1
+    assert str(points.units[0]) == "micrometer"
+    viewer.scale_bar.visible = True
+    json.dumps({"layers": list(by_name)})  # names are plain strings
+
+
+def test_reader_opens_a_slide_file(make_napari_viewer, result_folder):
+    folder, _ = result_folder
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(folder.parents[2] / "S1.ome.tif"), plugin="tme-napari")
+    assert [layer.name for layer in layers] == list(CHANNELS)
+    assert all(layer.multiscale and tuple(layer.scale) == (PIXEL_UM, PIXEL_UM) for layer in layers)
