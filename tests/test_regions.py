@@ -178,6 +178,24 @@ def test_necrosis_inside_the_bed():
                                                    / r.areas_mm2["tumor"])
 
 
+def test_fibrotic_scar_is_part_of_the_bed():
+    disc = Point(1000, 750).buffer(500)
+    scar = Point(1000, 750).buffer(180)
+    obs, image = make_slide(tumour=disc.difference(scar), seed=10)
+    obs = obs[~shapely.contains_xy(scar, obs.x_um.to_numpy(), obs.y_um.to_numpy())]
+    sparse = _points(np.random.default_rng(11), scar, 300.0)  # a few fibroblasts in collagen
+    obs = pd.concat([obs, pd.DataFrame({"x_um": sparse[:, 0], "y_um": sparse[:, 1], "phenotype": "other",
+                                        "nucleus_area_um2": 30.0})], ignore_index=True)
+    r = run(obs, image)
+    assert r.masks["tumor"][mask_of(scar, r)].all()
+    assert r.areas_mm2["fibrosis"] == pytest.approx(scar.area * 1e-6, rel=0.25)
+    assert r.areas_mm2["necrosis"] < 0.1 * r.areas_mm2["fibrosis"]
+    # The same paucicellular tissue at the section's edge is stroma, not bed.
+    edge = box(100, 100, 400, 400)
+    obs_e, image_e = make_slide(tumour=disc, seed=12, stroma_density=300.0)
+    assert not run(obs_e, image_e).masks["tumor"][mask_of(edge, r)].any()
+
+
 def test_no_tumour_cells_gives_an_empty_bed_with_a_reason():
     obs, image = make_slide(seed=5)
     r = run(obs, image)

@@ -65,7 +65,7 @@ class RegionsConfig(BaseModel):
         0.5, ge=0, lt=1, description="The bed's edge is where the tumour-cell density falls to this fraction of its "
                                      "median at tumour cells in the bed (unitless); 0 uses the floor alone.")
     smooth_um: float = Field(10.0, ge=0, description="Radius of the opening/closing that smooths the bed (µm).")
-    min_tumor_island_mm2: float = Field(0.01, ge=0, description="Bed islands smaller than this are dropped (mm²).")
+    min_tumor_island_mm2: float = Field(0.005, ge=0, description="Bed islands smaller than this are dropped (mm²).")
     min_tumor_hole_mm2: float = Field(0.01, ge=0, description="Holes in the bed smaller than this are filled (mm²).")
     margin_um: float = Field(250.0, gt=0,
                              description="Half-width of the invasive margin, each side of the border (µm).")
@@ -240,6 +240,7 @@ def find_regions(obs: pd.DataFrame, image: np.ndarray, image_um: float, *, chann
     px_area_mm2 = g * g * _MM2_PER_UM2
     bed = _remove_small(bed, config.min_tumor_island_mm2 / px_area_mm2)
     bed |= tissue & ~_remove_small(tissue & ~bed, config.min_tumor_hole_mm2 / px_area_mm2, only_enclosed=bed)
+    bed |= _fibrotic_foci(bed, tissue & ~bed, viable_density < config.fibrosis_max_cells_per_mm2)
     bed = _remove_small(bed & ~_rasterise(tls_polygons_um, shape, g), config.min_tumor_island_mm2 / px_area_mm2)
     if not is_tumor.any():
         absent["tumor"] = "no tumour cells"
@@ -334,6 +335,26 @@ def _tissue(image: np.ndarray, image_um: float, shape: tuple[int, int], ii: np.n
     tissue = _remove_small(tissue, config.min_tissue_island_mm2 / px_area_mm2)
     tissue |= ~_remove_small(~tissue, config.min_glass_hole_mm2 / px_area_mm2, only_enclosed=tissue)
     return tissue
+
+
+def _fibrotic_foci(bed: np.ndarray, outside: np.ndarray, paucicellular: np.ndarray) -> np.ndarray:
+    """Paucicellular pieces of ``outside`` (H, W) that the bed surrounds: scars inside the bed.
+
+    A piece belongs to the bed when most of it is paucicellular and most of its rim is bed
+    rather than glass (every piece of tissue outside the bed is bounded by bed or glass);
+    paucicellular stroma at the section's edge stays out.
+    """
+    if not bed.any() or not outside.any():
+        return np.zeros_like(bed)
+    lab, n = ndi.label(outside)
+    size = np.bincount(lab.ravel(), minlength=n + 1)
+    sparse = np.bincount(lab.ravel(), weights=paucicellular.ravel(), minlength=n + 1)
+    rim = ndi.grey_dilation(lab, size=3) * ~outside  # each rim pixel takes a neighbouring piece's label
+    rim_all = np.bincount(rim.ravel(), minlength=n + 1)
+    rim_bed = np.bincount(rim.ravel(), weights=bed.ravel(), minlength=n + 1)
+    take = (sparse > 0.5 * size) & (rim_bed > 0.5 * np.maximum(rim_all, 1))
+    take[0] = False
+    return take[lab]
 
 
 def _smooth(mask: np.ndarray, radius_px: float) -> np.ndarray:
