@@ -256,7 +256,8 @@ def plot_overview(image: np.ndarray, image_um: float, channel_names: Sequence[st
                   colours: Mapping[str, tuple[float, float, float]],
                   region_masks: Mapping[str, np.ndarray] | None, grid_um: float | None,
                   tls: Sequence[tuple[int, str, object]], title: str,
-                  percentiles: tuple[float, float] = (30.0, 99.95), min_ring_um2: float = 2500.0) -> None:
+                  percentiles: tuple[float, float] = (30.0, 99.95), contrast: float = 15.0,
+                  min_ring_um2: float = 2500.0) -> None:
     """The whole slide in false colour with the bed, margin, necrosis and TLS outlined.
 
     Outlines: the tumour bed (``tumor``) solid white; the margin band's outer and inner
@@ -289,6 +290,10 @@ def plot_overview(image: np.ndarray, image_um: float, channel_names: Sequence[st
         Per-channel scaling (see :func:`false_colour`). The low end at the 30th percentile
         sends glass and unstained tissue to black; the high end at 99.95 keeps a sparse
         marker (CD21, a few FDC networks) from stretching its background over the tissue.
+    contrast : float
+        The high end is at least the low end plus ``contrast`` times (the median above
+        the low end minus the low end): a marker nowhere much brighter than its tissue
+        background (no FDC network on the slide) stays dim rather than faking a stain.
     min_ring_um2 : float
         Region outlines enclosing less than this (µm²; pinholes of a mask) are not drawn.
 
@@ -307,7 +312,14 @@ def plot_overview(image: np.ndarray, image_um: float, channel_names: Sequence[st
     masks = {k: v for k, v in (region_masks or {}).items() if v is not None}
     if masks and not (grid_um is not None and grid_um > 0):
         raise ValueError(f"grid_um must be positive when region_masks are given, got {grid_um}")
-    rgb = false_colour(image, channel_names, colours, percentiles=percentiles)
+    names = list(channel_names)
+    if image.ndim == 3 and image.shape[0] == len(names):
+        step = max(1, int(math.sqrt(image[0].size / 250_000)))
+        chosen = [names.index(n) for n in colours if n in names]
+        limits = _display_limits([image[chosen, ::step, ::step]], [names[i] for i in chosen], percentiles, contrast)
+    else:
+        limits = None  # false_colour names what is wrong with the image
+    rgb = false_colour(image, names, colours, percentiles=percentiles, limits=limits)
     height_mm, width_mm = (n * image_um / 1000.0 for n in rgb.shape[:2])
     # About one screen pixel per image pixel up to 1000 px wide, and room for the legend.
     fig_w = 10.0
@@ -327,9 +339,10 @@ def plot_overview(image: np.ndarray, image_um: float, channel_names: Sequence[st
         colour = _maturity_rgb(maturity)
         counts[maturity] = counts.get(maturity, 0) + 1
         _outline(ax, polygon, scale=1000.0, colour=colour, linewidth=1.5)
-        _, _, maxx, maxy = polygon.bounds
-        ax.text(maxx / 1000.0, maxy / 1000.0, str(tls_id), color=colour, fontsize=8, fontweight="bold",
-                ha="left", va="top", path_effects=halo, clip_on=True)
+        # Right of its own outline at its centre's height, so a label never sits on a neighbour's.
+        _, _, maxx, _ = polygon.bounds
+        ax.text(maxx / 1000.0 + 0.01 * width_mm, polygon.centroid.y / 1000.0, str(tls_id), color=colour,
+                fontsize=8, fontweight="bold", ha="left", va="center", path_effects=halo, clip_on=True)
     order = [m for m in MATURITY_COLOURS if m in counts] + sorted(m for m in counts if m not in MATURITY_COLOURS)
     for maturity in order:
         handles.append(Line2D([], [], color=_maturity_rgb(maturity), linewidth=2,
@@ -348,6 +361,7 @@ def plot_overview(image: np.ndarray, image_um: float, channel_names: Sequence[st
     legend.get_frame().set_facecolor("#dddddd")
     _colour_key(fig, ax, colours)
     ax.text(1.01, 0.0, f"each channel scaled\nfrom its {percentiles[0]:g}th to\n{percentiles[1]:g}th percentile\n"
+            f"(high end >= {contrast:g}x the\ntissue background\nabove glass)\n"
             f"outlines < {min_ring_um2:g} µm²\nnot drawn", transform=ax.transAxes,
             fontsize=7, va="bottom", ha="left")
     _save(fig, path)
@@ -357,7 +371,7 @@ def _colour_key(fig, ax, colours: Mapping[str, tuple[float, float, float]]) -> N
     """Marker names in their tint, stacked at the right edge under the legend."""
     for k, (name, colour) in enumerate(colours.items()):
         # Tints are shown against black, as in the image.
-        ax.text(1.01, 0.35 - 0.05 * k, f" {name} ", transform=ax.transAxes, color=tuple(colour), fontsize=8,
+        ax.text(1.01, 0.62 - 0.05 * k, f" {name} ", transform=ax.transAxes, color=tuple(colour), fontsize=8,
                 fontweight="bold", va="top", ha="left", backgroundcolor="black")
 
 
@@ -378,7 +392,7 @@ def _features_text(features: Mapping[str, float]) -> str:
 def plot_tls_closeups(slide, tls: Sequence[tuple[int, str, object, Mapping[str, float]]], folder: str | os.PathLike,
                       *, colours: Mapping[str, tuple[float, float, float]], channel_names: Sequence[str],
                       pad_um: float = 100.0, target_um: float = 1.0,
-                      percentiles: tuple[float, float] = (30.0, 99.9)) -> list[Path]:
+                      percentiles: tuple[float, float] = (30.0, 99.9), contrast: float = 15.0) -> list[Path]:
     """One PNG per TLS: the structure in false colour with its outline, maturity and features.
 
     The close-ups show the channels of ``colours`` among :data:`CLOSEUP_MARKERS` (all of
@@ -405,6 +419,8 @@ def plot_tls_closeups(slide, tls: Sequence[tuple[int, str, object, Mapping[str, 
     percentiles : (low, high)
         Shared per-channel scaling (see :func:`false_colour`); the low end at the 30th
         percentile sends background to black.
+    contrast : float
+        Floor on the high end, as in :func:`plot_overview`.
 
     Returns
     -------
@@ -438,7 +454,8 @@ def plot_tls_closeups(slide, tls: Sequence[tuple[int, str, object, Mapping[str, 
         image, um = read_window(slide, *box, target_um=target_um, channels=indices)
         _, _, (x0, y0, _, _) = _window_px(slide, *box, target_um)
         windows.append((image, um, x0 * um, y0 * um))
-    limits = _shared_limits([w[0] for w in windows], shown_names, percentiles)
+    # Every 2nd pixel of each window is plenty for percentiles and halves the work.
+    limits = _display_limits([w[0][:, ::2, ::2] for w in windows], shown_names, percentiles, contrast)
     paths = []
     for (tls_id, maturity, polygon, features), (image, um, ox_um, oy_um) in zip(tls, windows):
         path = folder / f"tls_{int(tls_id)}.png"
@@ -469,16 +486,24 @@ def plot_tls_closeups(slide, tls: Sequence[tuple[int, str, object, Mapping[str, 
     return paths
 
 
-def _shared_limits(images: Sequence[np.ndarray], names: Sequence[str],
-                   percentiles: tuple[float, float]) -> dict[str, tuple[float, float]]:
-    """Per-channel percentiles over every close-up window together (every 2nd pixel of each)."""
-    if not images:
-        return {}
+def _display_limits(samples: Sequence[np.ndarray], names: Sequence[str], percentiles: tuple[float, float],
+                    contrast: float) -> dict[str, tuple[float, float]]:
+    """Per-channel (low, high) intensities: percentiles of the pooled samples, with a floor on high.
+
+    ``samples`` are (C, ...) arrays pooled per channel. The floor, ``low + contrast x
+    (median above low - low)``, keeps a marker that is nowhere much brighter than the
+    tissue's own background (a slide without any FDC network in CD21) dim, where plain
+    percentiles would stretch that background to full colour and fake a stain.
+    """
     limits = {}
     for c, name in enumerate(names):
-        values = np.concatenate([im[c, ::2, ::2].ravel() for im in images])
+        values = np.concatenate([np.ravel(sample[c]) for sample in samples]) if samples else np.empty(0)
         values = values[np.isfinite(values)]
-        if values.size:
-            lo, hi = np.percentile(values, percentiles)
-            limits[name] = (float(lo), float(hi))
+        if not values.size:
+            continue
+        lo, hi = (float(v) for v in np.percentile(values, percentiles))
+        above = values[values > lo]
+        if above.size:
+            hi = max(hi, lo + contrast * (float(np.median(above)) - lo))
+        limits[name] = (lo, hi)
     return limits
