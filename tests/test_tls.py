@@ -149,7 +149,8 @@ def test_maturity_from_the_fdc_mesh_and_germinal_centre():
     assert by_place == {4: "aggregate", 15: "primary", 9: "secondary"}
     t = r.table.set_index("maturity")
     assert t.loc["aggregate", "fdc_fraction"] < 0.1 < 0.9 < t.loc["primary", "fdc_fraction"]
-    assert t.loc["primary", "gc_score"] < 0.05 < t.loc["secondary", "gc_score"]
+    threshold = TLSConfig().secondary_min_gc_score
+    assert t.loc["primary", "gc_score"] < threshold < t.loc["secondary", "gc_score"]
 
 
 def test_without_the_fdc_marker_maturity_is_unstaged_and_says_why():
