@@ -173,3 +173,22 @@ def test_plot_tls_closeups_writes_one_png_per_tls(slide, tmp_path):
 def test_plot_tls_closeups_rejects_a_colour_the_slide_lacks(slide, tmp_path):
     with pytest.raises(ValueError, match="Ki67"):
         plot_tls_closeups(slide, [], tmp_path, colours={"Ki67": (1, 1, 1)}, channel_names=list(slide.channel_names))
+
+
+def test_plot_overview_keeps_a_marker_without_signal_dim(tmp_path):
+    # Glass at 100 in the top rows, tissue at 110 +- noise below, and no positive pixel:
+    # plain percentiles would stretch that background to full white.
+    rng = np.random.default_rng(3)
+    noise = np.full((1, 120, 160), 100.0)
+    noise[:, 30:] = 110.0 + rng.normal(0, 3, size=(1, 90, 160))
+    stained = noise.copy()
+    stained[:, 30:][:, rng.random((90, 160)) < 0.5] = 1100.0  # half the tissue 10x brighter
+    centre = []
+    for name, image in (("noise", noise), ("stained", stained)):
+        out = tmp_path / f"{name}.png"
+        plot_overview(image.astype(np.float32), 4.0, ["CD21"], out, colours={"CD21": (1, 1, 1)},
+                      region_masks=None, grid_um=None, tls=[], title=name)
+        rgb = _read(out)
+        h, w = rgb.shape[:2]
+        centre.append(rgb[int(0.45 * h):int(0.7 * h), int(0.2 * w):int(0.6 * w)].mean())
+    assert centre[0] < 0.2 < 0.35 < centre[1]

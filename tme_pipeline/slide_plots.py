@@ -256,7 +256,7 @@ def plot_overview(image: np.ndarray, image_um: float, channel_names: Sequence[st
                   colours: Mapping[str, tuple[float, float, float]],
                   region_masks: Mapping[str, np.ndarray] | None, grid_um: float | None,
                   tls: Sequence[tuple[int, str, object]], title: str,
-                  percentiles: tuple[float, float] = (30.0, 99.95), contrast: float = 15.0,
+                  percentiles: tuple[float, float] = (30.0, 99.95), min_ratio: float = 3.0,
                   min_ring_um2: float = 2500.0) -> None:
     """The whole slide in false colour with the bed, margin, necrosis and TLS outlined.
 
@@ -290,10 +290,11 @@ def plot_overview(image: np.ndarray, image_um: float, channel_names: Sequence[st
         Per-channel scaling (see :func:`false_colour`). The low end at the 30th percentile
         sends glass and unstained tissue to black; the high end at 99.95 keeps a sparse
         marker (CD21, a few FDC networks) from stretching its background over the tissue.
-    contrast : float
-        The high end is at least the low end plus ``contrast`` times (the median above
-        the low end minus the low end): a marker nowhere much brighter than its tissue
-        background (no FDC network on the slide) stays dim rather than faking a stain.
+    min_ratio : float
+        The high end is at least ``min_ratio`` times the low end, so a marker nowhere
+        much brighter than its background (no FDC network on the slide) stays dim rather
+        than faking a stain. Assumes intensities without a large camera offset; 1 turns
+        the floor off.
     min_ring_um2 : float
         Region outlines enclosing less than this (µm²; pinholes of a mask) are not drawn.
 
@@ -316,7 +317,7 @@ def plot_overview(image: np.ndarray, image_um: float, channel_names: Sequence[st
     if image.ndim == 3 and image.shape[0] == len(names):
         step = max(1, int(math.sqrt(image[0].size / 250_000)))
         chosen = [names.index(n) for n in colours if n in names]
-        limits = _display_limits([image[chosen, ::step, ::step]], [names[i] for i in chosen], percentiles, contrast)
+        limits = _display_limits([image[chosen, ::step, ::step]], [names[i] for i in chosen], percentiles, min_ratio)
     else:
         limits = None  # false_colour names what is wrong with the image
     rgb = false_colour(image, names, colours, percentiles=percentiles, limits=limits)
@@ -361,7 +362,7 @@ def plot_overview(image: np.ndarray, image_um: float, channel_names: Sequence[st
     legend.get_frame().set_facecolor("#dddddd")
     _colour_key(fig, ax, colours)
     ax.text(1.01, 0.0, f"each channel scaled\nfrom its {percentiles[0]:g}th to\n{percentiles[1]:g}th percentile\n"
-            f"(high end >= {contrast:g}x the\ntissue background\nabove glass)\n"
+            f"(high end >= {min_ratio:g}x\nthe low end)\n"
             f"outlines < {min_ring_um2:g} µm²\nnot drawn", transform=ax.transAxes,
             fontsize=7, va="bottom", ha="left")
     _save(fig, path)
@@ -392,7 +393,7 @@ def _features_text(features: Mapping[str, float]) -> str:
 def plot_tls_closeups(slide, tls: Sequence[tuple[int, str, object, Mapping[str, float]]], folder: str | os.PathLike,
                       *, colours: Mapping[str, tuple[float, float, float]], channel_names: Sequence[str],
                       pad_um: float = 100.0, target_um: float = 1.0,
-                      percentiles: tuple[float, float] = (30.0, 99.9), contrast: float = 15.0) -> list[Path]:
+                      percentiles: tuple[float, float] = (30.0, 99.9), min_ratio: float = 3.0) -> list[Path]:
     """One PNG per TLS: the structure in false colour with its outline, maturity and features.
 
     The close-ups show the channels of ``colours`` among :data:`CLOSEUP_MARKERS` (all of
@@ -419,7 +420,7 @@ def plot_tls_closeups(slide, tls: Sequence[tuple[int, str, object, Mapping[str, 
     percentiles : (low, high)
         Shared per-channel scaling (see :func:`false_colour`); the low end at the 30th
         percentile sends background to black.
-    contrast : float
+    min_ratio : float
         Floor on the high end, as in :func:`plot_overview`.
 
     Returns
@@ -455,7 +456,7 @@ def plot_tls_closeups(slide, tls: Sequence[tuple[int, str, object, Mapping[str, 
         _, _, (x0, y0, _, _) = _window_px(slide, *box, target_um)
         windows.append((image, um, x0 * um, y0 * um))
     # Every 2nd pixel of each window is plenty for percentiles and halves the work.
-    limits = _display_limits([w[0][:, ::2, ::2] for w in windows], shown_names, percentiles, contrast)
+    limits = _display_limits([w[0][:, ::2, ::2] for w in windows], shown_names, percentiles, min_ratio)
     paths = []
     for (tls_id, maturity, polygon, features), (image, um, ox_um, oy_um) in zip(tls, windows):
         path = folder / f"tls_{int(tls_id)}.png"
@@ -487,23 +488,18 @@ def plot_tls_closeups(slide, tls: Sequence[tuple[int, str, object, Mapping[str, 
 
 
 def _display_limits(samples: Sequence[np.ndarray], names: Sequence[str], percentiles: tuple[float, float],
-                    contrast: float) -> dict[str, tuple[float, float]]:
-    """Per-channel (low, high) intensities: percentiles of the pooled samples, with a floor on high.
+                    min_ratio: float) -> dict[str, tuple[float, float]]:
+    """Per-channel (low, high) intensities: percentiles of the pooled samples, high at least ``min_ratio`` x low.
 
-    ``samples`` are (C, ...) arrays pooled per channel. The floor, ``low + contrast x
-    (median above low - low)``, keeps a marker that is nowhere much brighter than the
-    tissue's own background (a slide without any FDC network in CD21) dim, where plain
-    percentiles would stretch that background to full colour and fake a stain.
+    ``samples`` are (C, ...) arrays pooled per channel. Without the floor, a marker that is
+    nowhere much brighter than its background (a slide without any FDC network in CD21)
+    would have that background stretched to full colour, faking a stain.
     """
     limits = {}
     for c, name in enumerate(names):
         values = np.concatenate([np.ravel(sample[c]) for sample in samples]) if samples else np.empty(0)
         values = values[np.isfinite(values)]
-        if not values.size:
-            continue
-        lo, hi = (float(v) for v in np.percentile(values, percentiles))
-        above = values[values > lo]
-        if above.size:
-            hi = max(hi, lo + contrast * (float(np.median(above)) - lo))
-        limits[name] = (lo, hi)
+        if values.size:
+            lo, hi = (float(v) for v in np.percentile(values, percentiles))
+            limits[name] = (lo, max(hi, min_ratio * lo))
     return limits
