@@ -252,3 +252,54 @@ def test_reader_opens_a_slide_file(make_napari_viewer, result_folder):
     layers = viewer.open(str(folder.parents[2] / "S1.ome.tif"), plugin="tme-napari")
     assert [layer.name for layer in layers] == list(CHANNELS)
     assert all(layer.multiscale and tuple(layer.scale) == (PIXEL_UM, PIXEL_UM) for layer in layers)
+
+
+# --- TLS browser (read-only dock widget) ----------------------------------------------------------
+
+def test_tls_views_group_parts_and_fit_with_margin():
+    from tme_napari.tls_browser import tls_views
+
+    polygons = [np.array([[10.0, 10], [30, 10], [30, 30]]), np.array([[10.0, 40], [30, 60], [10, 60]]),
+                np.array([[70.0, 70], [110, 100], [70, 100]])]
+    features = pd.DataFrame({"name": ["SFL", "SFL", "E-TLS"], "tls_id": [1, 1, 2], "area_um2": [800.0, 800, 600]})
+    views = tls_views(polygons, features, margin_um=5.0)
+    assert len(views) == 2
+    assert views[0].center_yx_um == (20.0, 35.0)  # bounding box of both parts: y 10-30, x 10-60
+    assert views[0].size_yx_um == (30.0, 60.0)
+    assert "SFL" in views[0].label and "E-TLS" in views[1].label and "600" in views[1].label
+    assert views[1].zoom((400, 400)) == pytest.approx(400 / 50.0)  # y 70-110 + margins: 50 µm
+    without_ids = tls_views(polygons, features.drop(columns="tls_id"))
+    assert len(without_ids) == 3
+    with pytest.raises(ValueError, match="feature rows"):
+        tls_views(polygons[:2], features)
+
+
+def test_tls_browser_zooms_to_each_tls(make_napari_viewer, result_folder):
+    from tme_napari.tls_browser import TLSBrowser
+
+    folder, _ = result_folder
+    viewer = make_napari_viewer()
+    browser = TLSBrowser(viewer)
+    assert browser.views == []
+    viewer.open(str(folder), plugin="tme-napari")
+    assert len(browser.views) == 2, "the list follows layers opened after the widget"
+    browser.next()
+    browser.next()
+    # The second TLS is the triangle (70, 70)-(100, 70)-(85, 110) µm in (x, y): centre x 85, y 90.
+    np.testing.assert_allclose(viewer.camera.center[-2:], [90.0, 85.0])
+    zoom_second = viewer.camera.zoom
+    browser.show(0)
+    np.testing.assert_allclose(viewer.camera.center[-2:], [20.0, 35.0])
+    assert viewer.camera.zoom != zoom_second
+    browser[0].value = 1  # choosing in the list zooms too
+    np.testing.assert_allclose(viewer.camera.center[-2:], [90.0, 85.0])
+    with pytest.raises(ValueError, match="out of range"):
+        browser.show(5)
+
+
+def test_tls_browser_docks_from_the_manifest(make_napari_viewer, result_folder):
+    folder, _ = result_folder
+    viewer = make_napari_viewer()
+    viewer.open(str(folder), plugin="tme-napari")
+    _, widget = viewer.window.add_plugin_dock_widget("tme-napari", "TLS browser")
+    assert len(widget.views) == 2
