@@ -192,3 +192,10 @@ def test_plot_overview_keeps_a_marker_without_signal_dim(tmp_path):
         h, w = rgb.shape[:2]
         centre.append(rgb[int(0.45 * h):int(0.7 * h), int(0.2 * w):int(0.6 * w)].mean())
     assert centre[0] < 0.2 < 0.35 < centre[1]
+
+
+def test_plot_tls_closeups_rejects_a_tls_outside_the_slide(slide, tmp_path):
+    names = list(slide.channel_names)
+    far = Point(5000, 5000).buffer(30)
+    with pytest.raises(ValueError, match="TLS 9 lies outside"):
+        plot_tls_closeups(slide, [(9, "primary", far, {})], tmp_path, colours={"DAPI": (0, 0, 1)}, channel_names=names)

@@ -171,8 +171,8 @@ def read_window(slide, x0_um: float, y0_um: float, x1_um: float, y1_um: float, *
     return np.asarray(block.compute() if hasattr(block, "compute") else block, np.float32), um
 
 
-def _scale_bar(ax, width_mm: float, *, unit_mm: float = 1.0, colour: str = "white") -> None:
-    """A bar of a round length (µm or mm) in the lower left of ``ax``, whose data units are ``unit_mm`` mm."""
+def _scale_bar(ax, width_mm: float, *, colour: str = "white") -> None:
+    """A bar of a round length (about a fifth of ``width_mm``) in the lower left of ``ax``, whose data units are mm."""
     target = width_mm / 5.0
     steps = np.array([1, 2, 5, 10, 20, 50, 100, 200, 250, 500, 1000, 2000, 5000, 10000], float) / 1000.0
     length_mm = float(steps[steps <= max(target, steps[0])].max())
@@ -182,9 +182,8 @@ def _scale_bar(ax, width_mm: float, *, unit_mm: float = 1.0, colour: str = "whit
     # y is flipped (image rows down): y0 is the bottom edge.
     xs = x0 + 0.04 * (x1 - x0)
     ys = y0 - 0.05 * (y0 - y1)
-    length = length_mm / unit_mm
-    ax.plot([xs, xs + length], [ys, ys], color=colour, linewidth=3, solid_capstyle="butt")
-    ax.text(xs + length / 2, ys - 0.015 * (y0 - y1), label, color=colour, ha="center", va="bottom", fontsize=9,
+    ax.plot([xs, xs + length_mm], [ys, ys], color=colour, linewidth=3, solid_capstyle="butt")
+    ax.text(xs + length_mm / 2, ys - 0.015 * (y0 - y1), label, color=colour, ha="center", va="bottom", fontsize=9,
             fontweight="bold")
 
 
@@ -207,12 +206,8 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return path
 
 
-def _rgb(colour: Sequence[int]) -> tuple[float, float, float]:
-    return tuple(c / 255.0 for c in colour)
-
-
 def _maturity_rgb(maturity: str) -> tuple[float, float, float]:
-    return _rgb(MATURITY_COLOURS.get(maturity, MATURITY_COLOURS["unstaged"]))
+    return tuple(c / 255.0 for c in MATURITY_COLOURS.get(maturity, MATURITY_COLOURS["unstaged"]))
 
 
 def _outline(ax, geometry, *, scale: float, colour, linewidth: float, linestyle="solid") -> None:
@@ -360,7 +355,7 @@ def plot_overview(image: np.ndarray, image_um: float, channel_names: Sequence[st
     legend = ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=True,
                        title="outlines", title_fontsize=8)
     legend.get_frame().set_facecolor("#dddddd")
-    _colour_key(fig, ax, colours)
+    _colour_key(ax, colours)
     ax.text(1.01, 0.0, f"each channel scaled\nfrom its {percentiles[0]:g}th to\n{percentiles[1]:g}th percentile\n"
             f"(high end >= {min_ratio:g}x\nthe low end)\n"
             f"outlines < {min_ring_um2:g} µm²\nnot drawn", transform=ax.transAxes,
@@ -368,7 +363,7 @@ def plot_overview(image: np.ndarray, image_um: float, channel_names: Sequence[st
     _save(fig, path)
 
 
-def _colour_key(fig, ax, colours: Mapping[str, tuple[float, float, float]]) -> None:
+def _colour_key(ax, colours: Mapping[str, tuple[float, float, float]]) -> None:
     """Marker names in their tint, stacked at the right edge under the legend."""
     for k, (name, colour) in enumerate(colours.items()):
         # Tints are shown against black, as in the image.
@@ -432,7 +427,8 @@ def plot_tls_closeups(slide, tls: Sequence[tuple[int, str, object, Mapping[str, 
     ------
     ValueError
         When a colour names a channel not in ``channel_names``, ``channel_names`` does not
-        match the slide's channel count, or ``pad_um`` is negative.
+        match the slide's channel count, ``pad_um`` is negative, or a TLS lies outside the
+        slide.
     """
     from matplotlib.figure import Figure
 
@@ -453,6 +449,9 @@ def plot_tls_closeups(slide, tls: Sequence[tuple[int, str, object, Mapping[str, 
         minx, miny, maxx, maxy = polygon.bounds
         box = (minx - pad_um, miny - pad_um, maxx + pad_um, maxy + pad_um)
         image, um = read_window(slide, *box, target_um=target_um, channels=indices)
+        if 0 in image.shape[1:]:
+            raise ValueError(f"TLS {tls_id} lies outside the slide (bounds {polygon.bounds} µm)")
+        # read_window's top left corner, in µm, to place the picture on the slide's axes.
         _, _, (x0, y0, _, _) = _window_px(slide, *box, target_um)
         windows.append((image, um, x0 * um, y0 * um))
     # Every 2nd pixel of each window is plenty for percentiles and halves the work.
@@ -461,8 +460,6 @@ def plot_tls_closeups(slide, tls: Sequence[tuple[int, str, object, Mapping[str, 
     for (tls_id, maturity, polygon, features), (image, um, ox_um, oy_um) in zip(tls, windows):
         path = folder / f"tls_{int(tls_id)}.png"
         h, w = image.shape[1:]
-        if h == 0 or w == 0:
-            raise ValueError(f"TLS {tls_id} lies outside the slide (bounds {polygon.bounds} µm)")
         rgb = false_colour(image, shown_names, shown, limits=limits)
         fig = Figure(figsize=(5.6, 5.6 * h / w + 0.9), layout="constrained")
         ax = fig.subplots()
