@@ -19,13 +19,18 @@ Outline: the B core plus the T cells within ``t_zone_um`` of it, closed with dis
 ``outline_um`` and reaching ``cell_radius_um`` beyond the outermost cell centres; holes are
 filled, and T cells not packed against the core (gaps wider than ``2 * outline_um``) stay out.
 
-Defaults not taken from a publication, and why: ``min_area_um2`` (7000 µm²) is the area of
-50 B cells at follicle density (~2500 µm²) plus a thin T zone around them;
+Defaults not taken from a publication, and why: ``link_um`` is 20 µm, above tlsR's 10-15 µm,
+because lymphoid aggregates mix B and T cells (~6500 B/mm² on the development slides, median
+B-B nearest neighbour 6-7 µm): when a dimmer CD20 loses a third of the B calls, 15 µm links
+break aggregates into pieces under 50 B cells (recall 0.79 there) while 20 µm holds them
+(0.97), and loose B cells (~300/mm²) still fail the count and density rules.
+``min_area_um2`` (7000 µm²) is the area of 50 B cells at follicle density (~2500 µm²) plus a
+thin T zone around them;
 ``min_b_density_per_mm2`` (3000) sits between loose B-cell infiltrates (~300 B/mm²) and
 follicles (15 000-25 000 B/mm²). The staging thresholds are fractions, not intensities: on
 the development slides (seeds 70000) aggregates had an FDC fraction of 0.00 and primary and
-secondary TLS 0.58-0.86 (threshold 0.3); primary TLS had a GC score of 0.00-0.01 and
-secondary 0.16-0.54 (threshold 0.07). The GC nucleus ratios (area >= 1.25x, DAPI <= 0.8x the
+secondary TLS 0.55-0.85 (threshold 0.3); primary TLS had a GC score of 0.00-0.01 and
+secondary 0.14-0.45 (threshold 0.07). The GC nucleus ratios (area >= 1.25x, DAPI <= 0.8x the
 slide's T-cell medians) took about half of the true germinal-centre B cells there and 0.1 % of
 the mantle's.
 """
@@ -63,7 +68,8 @@ class TLSConfig(BaseModel):
     b_phenotypes: tuple[str, ...] = Field(("B",), description="Phenotype names counted as B cells (exact match).")
     t_phenotypes: tuple[str, ...] = Field(("CD8_T", "CD4_T", "Treg"),
                                           description="Phenotype names counted as T cells (exact match).")
-    link_um: float = Field(15.0, gt=0, description="B-B linking distance (µm); tlsR uses 10-15 µm.")
+    link_um: float = Field(
+        20.0, gt=0, description="B-B linking distance (µm); tlsR uses 10-15 µm, see the module notes.")
     min_b_neighbors: int = Field(
         1, ge=0, description="B neighbours within link_um (count) for a B cell to join a core.")
     min_b_cells: int = Field(50, ge=1, description="B cells (count) in a core; tlsR: 50.")
