@@ -346,7 +346,7 @@ def _maturity(fdc_fraction: float, gc_score: float, staged: bool, config: TLSCon
 
 
 def _t_clusters(xy, t_idx, t_tree, polys, config: TLSConfig) -> list[dict]:
-    """T-cell clusters outside every TLS: rejected for want of a B-cell core."""
+    """T-cell clusters outside every TLS (>= 2 * min_t_cells T cells linked within link_um): no B-cell core."""
     if t_tree is None:
         return []
     pairs = t_tree.query_pairs(config.link_um, output_type="ndarray")
@@ -354,7 +354,7 @@ def _t_clusters(xy, t_idx, t_tree, polys, config: TLSConfig) -> list[dict]:
     _, comp = connected_components(graph, directed=False)
     sizes = np.bincount(comp)
     out = []
-    for k in np.flatnonzero(sizes >= config.min_b_cells):
+    for k in np.flatnonzero(sizes >= 2 * max(config.min_t_cells, 1)):
         pts = xy[t_idx[comp == k]]
         cx, cy = pts.mean(axis=0)
         if any(p.contains(shapely.Point(cx, cy)) for p in polys):
