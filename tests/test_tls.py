@@ -213,3 +213,19 @@ def test_outline_is_a_valid_polygon_holding_the_core():
     poly = r.polygons_um[0]
     assert poly.is_valid and poly.geom_type == "Polygon" and len(poly.interiors) == 0
     assert poly.contains(shapely.Point(900, 900).buffer(0.62 * 180 - 5))
+
+
+def test_a_gc_marker_in_the_panel_decides_the_germinal_centre():
+    s = Slide()
+    s.tls(600, 600, 160, maturity="primary")  # mesh, resting nuclei everywhere
+    s.tls(1500, 1500, 160, maturity="primary")
+    a = s.adata(markers=[*MARKERS, "Ki67"])
+    xy = a.obs[["x_um", "y_um"]].to_numpy()
+    # Proliferating B cells in the centre of the second follicle only: its germinal centre.
+    gc = (np.hypot(*(xy - 1500).T) < 0.33 * 160) & (a.obs["phenotype"] == "B").to_numpy()
+    a.X[gc, len(MARKERS)] = 2000.0
+    r = find_tls(a, TLSConfig())
+    by_place = {round(x / 100): m for x, m in zip(r.table["x_um"], r.table["maturity"])}
+    assert by_place == {6: "primary", 15: "secondary"}
+    # Without the marker the same nuclei show no germinal centre.
+    assert set(find_tls(a[:, MARKERS].copy(), TLSConfig()).table["maturity"]) == {"primary"}
