@@ -8,8 +8,11 @@ components are separated populations (Ashman's D >= 2 and disjoint central 95 %)
 When the smoothed histogram shows a second mode above the negatives with a dip before it,
 the gate is the start of that dip's floor (:func:`_valley_gate`), tried first: positives whose dim
 members stretch them towards the negatives, and negatives with a long right tail, are no
-pair of Gaussians. Otherwise the mixture; otherwise the gate falls back to the background
-plus :data:`FALLBACK_SD` times the negatives' spread.
+pair of Gaussians. Otherwise the mixture. Otherwise the gate falls back (method
+``'fallback'``, flagged): where the cells above the noise split into a dim and a bright
+log-normal population (:func:`_log_split`, :data:`MIN_LOG_RATIO`), at their crossing, which
+moves with the stain's gain; else at the background plus :data:`FALLBACK_SD` times the
+negatives' spread.
 """
 
 from __future__ import annotations
@@ -28,6 +31,17 @@ COFACTOR_SD = 3.0
 #: Fallback gate: background + FALLBACK_SD * the negatives' right-hand sd (a Gaussian negative
 #: exceeds it 3e-7 of the time); that sd is from the 90th percentile, within 1-4 left-half sd.
 FALLBACK_SD = 5.0
+#: The fallback's log-space split counts when the bright population's median (above background)
+#: is at least this multiple of the dim one's. EM splits even one skewed (log-normal) negative
+#: tail into two overlapping parts, 1.2-1.7x apart on simulated tails; a dim positive
+#: population over another lab's autofluorescent negatives sat 2.5x above them (development
+#: slide 61000, CD8; 2.7x for CD3 on slide 61002).
+MIN_LOG_RATIO = 2.0
+#: The fallback's log-space split puts the gate where a cell is this many times likelier to be
+#: of the bright population than of the dim one. 1, the crossing: on the development slides
+#: (external_lab 61000-61002) odds 4 and 9 raised CD8_T F1 a little (weak gates take the dim
+#: ones back) but cost CD4_T more where CD3 itself fell back (61002: 0.69 -> 0.53 -> 0.40).
+FALLBACK_ODDS = 1.0
 #: Ashman's D below which the mixture's two components are not separated populations.
 MIN_SEPARATION_D = 2.0
 #: Fraction of the cells in the densest window searched for the negative mode.
@@ -241,10 +255,13 @@ def fit_two_gaussians(values, weights=None, *, init: tuple | None = None, var_fl
     return Mixture(mu[order], sd[order], pi[order] / pi.sum(), ll, converged)
 
 
-def _decision_point(mix: Mixture) -> float:
-    """Where the two weighted densities cross between the means (bisection); NaN if nowhere."""
+def _decision_point(mix: Mixture, log_odds: float = 0.0) -> float:
+    """Where the high component's weighted density is ``exp(log_odds)`` times the low one's.
+
+    Between the means, by bisection; NaN if nowhere. ``log_odds = 0``: where they cross.
+    """
     def diff(t):
-        return np.diff(np.log(mix.weights) - np.log(mix.sds) - 0.5 * ((t - mix.means) / mix.sds) ** 2)[0]
+        return np.diff(np.log(mix.weights) - np.log(mix.sds) - 0.5 * ((t - mix.means) / mix.sds) ** 2)[0] - log_odds
 
     lo, hi = float(mix.means[0]), float(mix.means[1])
     if not (diff(lo) < 0 < diff(hi)):
@@ -314,6 +331,43 @@ def _valley_gate(t: np.ndarray, t_3sd: float) -> tuple[float, float]:
     while valley - 1 > zero and density[valley - 1] <= floor:
         valley -= 1
     return float(centres[valley]), depth
+
+
+def _log_split(u: np.ndarray, floor: float) -> float:
+    """Crossing of two log-normal populations among ``u > floor``; NaN where there are not two.
+
+    Used where neither a valley nor a separated mixture was found: a dim positive population
+    merged with the negatives' right tail. Both are mostly stain (specific, non-specific,
+    spillover) times the gain, so on ``log u`` a change of gain shifts both without changing
+    their shape, and the crossing (in raw units above the background) moves by the gain's
+    factor: exactly when every intensity scales, approximately when only the stain does (the
+    noise floor and autofluorescence stay). The noise rule it replaces stays a fixed number of
+    noise sds above the background whatever the gain, far above dim positives.
+
+    Parameters
+    ----------
+    u : (n,) float array
+        Intensity above the background (raw units).
+    floor : float
+        Cells at or below it (raw units above background; noise) are left out.
+
+    Returns
+    -------
+    float
+        The gate above the background (raw units), or NaN.
+    """
+    v = np.log(u[u > floor])
+    if v.size < 2 * MIN_CELLS or np.ptp(v) < 2 * BIN_T:
+        return float("nan")
+    centres, counts = _histogram(v)
+    mix = fit_two_gaussians(centres, counts, init=_otsu_init(centres, counts), var_floor=(2 * BIN_T) ** 2)
+    g = _decision_point(mix, np.log(FALLBACK_ODDS))
+    # No Ashman's D here: overlapping populations are the reason for the fallback; the ratio of
+    # the medians is what tells a dim population from a skewed negative tail.
+    if not (np.isfinite(g) and mix.weights[1] * v.size >= MIN_CELLS
+            and mix.means[1] - mix.means[0] >= np.log(MIN_LOG_RATIO)):
+        return float("nan")
+    return float(np.exp(g))
 
 
 def _otsu_init(centres: np.ndarray, counts: np.ndarray) -> tuple:
@@ -395,5 +449,12 @@ def auto_gate(x: np.ndarray, marker: str, transform: str) -> Gate:
         if d >= MIN_SEPARATION_D and mix.means[0] + 2.0 * mix.sds[0] < mix.means[1] - 2.0 * mix.sds[1]:
             gate_t, method, quality = g, "mixture", d * d / (d * d + 4.0)
             break
+    if method == "fallback":
+        # Cells above background + 3 sd, as for the mixture's high component: below it, log u
+        # spreads pure noise towards minus infinity.
+        split = _log_split(finite - bg, 3.0 * sd)
+        if np.isfinite(split):
+            return Gate(marker, bg + split, bg, sd, cof, transform, method, float(quality), 0.0, 0, False,
+                        n_fitted=int(finite.size))
     gate = float(inverse_transform(gate_t, **kw))
     return Gate(marker, gate, bg, sd, cof, transform, method, float(quality), 0.0, 0, False, n_fitted=int(finite.size))
