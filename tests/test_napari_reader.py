@@ -89,7 +89,8 @@ def result_folder(tmp_path):
     cells.write_h5ad(folder / CELLS)
 
     write_geojson(folder / TLS_GEOJSON, feature_collection(_tls_features(), pixel_um=PIXEL_UM))
-    regions = [feature(box(0, 0, 64, 128), pixel_um=PIXEL_UM, name="Tumor", color=(200, 0, 0))]
+    band = box(0, 0, 64, 128).difference(box(10, 10, 30, 30))  # with a hole, as a margin band has
+    regions = [feature(band, pixel_um=PIXEL_UM, name="Margin", color=(200, 0, 0))]
     write_geojson(folder / REGIONS_GEOJSON, feature_collection(regions, pixel_um=PIXEL_UM))
     return folder, obs
 
@@ -183,6 +184,21 @@ def test_shapes_layer_one_shape_per_part_coloured_by_classification(tmp_path):
     assert shapes_layer([], name="TLS") is None
 
 
+def test_shapes_layer_draws_holes_as_outlines():
+    band = box(0, 0, 100, 100).difference(box(20, 20, 80, 80))  # a margin band: one hole
+    solid = box(200, 0, 220, 20)
+    polygons, kwargs, _ = shapes_layer([(band, {"classification": {"name": "Margin", "color": [0, 0, 255]}}),
+                                        (solid, {"classification": {"name": "Tumor", "color": [255, 0, 0]}})],
+                                       name="regions", face_alpha=0.2)
+    assert kwargs["shape_type"] == ["polygon", "path", "polygon"]
+    np.testing.assert_allclose(polygons[1][0], polygons[1][-1])  # the hole's outline is closed
+    np.testing.assert_allclose(polygons[1].min(axis=0), [20, 20])
+    np.testing.assert_allclose(polygons[1].max(axis=0), [80, 80])
+    # The band is not filled (its hole would be); the solid region is.
+    np.testing.assert_allclose(kwargs["face_color"][:, 3], [0.0, 0.0, 0.2])
+    assert list(kwargs["features"]["name"]) == ["Margin", "Margin", "Tumor"]
+
+
 def test_result_folder_layers_order_and_counts(result_folder):
     folder, _ = result_folder
     layers = result_folder_layers(folder)
@@ -240,7 +256,9 @@ def test_reader_round_trip_in_viewer(make_napari_viewer, result_folder):
     points = by_name["cells (phenotype)"]
     assert len(points.data) == N_CELLS
     assert list(points.features["phenotype"]) == list(obs["phenotype"])
-    assert by_name["TLS"].nshapes == 3 and by_name["regions"].nshapes == 1
+    assert by_name["TLS"].nshapes == 3 and by_name["regions"].nshapes == 2
+    assert list(by_name["regions"].shape_type) == ["polygon", "path"]
+    assert list(by_name["TLS"].features["name"]) == ["SFL", "SFL", "E-TLS"]
     assert str(points.units[0]) == "micrometer"
     viewer.scale_bar.visible = True
     json.dumps({"layers": list(by_name)})  # names are plain strings

@@ -240,15 +240,15 @@ def cell_points_layer(cells, *, size_um: float = 6.0) -> LayerData:
     return (data, kwargs, "points")
 
 
-def _polygons_yx(geometry) -> list[np.ndarray]:
-    """Exterior rings (y, x) in µm of a (Multi)Polygon; napari shapes have no holes."""
+def _rings_yx(geometry) -> list[tuple[np.ndarray, bool]]:
+    """``(ring (V, 2) (y, x) µm, is_hole)`` for every exterior and interior ring of a (Multi)Polygon."""
     parts = getattr(geometry, "geoms", [geometry])
     rings = []
     for part in parts:
         if part.geom_type != "Polygon" or part.is_empty:
             continue
-        xy = np.asarray(part.exterior.coords)[:-1]
-        rings.append(xy[:, ::-1].copy())
+        rings.append((np.asarray(part.exterior.coords)[:-1, ::-1].copy(), False))
+        rings += [(np.asarray(hole.coords)[:-1, ::-1].copy(), True) for hole in part.interiors]
     return rings
 
 
@@ -270,13 +270,14 @@ def shapes_layer(features: Sequence[tuple[object, dict]], *, name: str, edge_wid
     -------
     (list of numpy.ndarray (V, 2) (y, x) µm, dict, "shapes") or None
         One polygon per part of each feature (a MultiPolygon gives several with the same
-        properties); colours from each feature's QuPath classification colour (for TLS, the
+        properties). napari polygons have no holes, so a hole (e.g. of the margin band) is
+        drawn as a closed path outline and its polygon is left unfilled; colours from each feature's QuPath classification colour (for TLS, the
         maturity); ``features`` has ``name`` (the classification), every measurement and
         every scalar property. None if there is no polygon.
     """
     import pandas as pd
 
-    polygons, rows, colors = [], [], []
+    polygons, rows, colors, types, filled = [], [], [], [], []
     for geometry, props in features:
         cls = props.get("classification") or {}
         rgb = np.asarray(cls.get("color", (255, 255, 0)), dtype=np.float64)[:3] / 255.0
@@ -284,16 +285,20 @@ def shapes_layer(features: Sequence[tuple[object, dict]], *, name: str, edge_wid
         row.update({k: v for k, v in props.items()
                     if isinstance(v, (int, float, str, bool)) and k != "objectType"})
         row.update({str(k): float(v) for k, v in (props.get("measurements") or {}).items()})
-        for ring in _polygons_yx(geometry):
-            polygons.append(ring)
+        rings = _rings_yx(geometry)
+        has_holes = any(hole for _, hole in rings)
+        for ring, hole in rings:
+            polygons.append(np.vstack([ring, ring[:1]]) if hole else ring)
             rows.append(row)
             colors.append(rgb)
+            types.append("path" if hole else "polygon")
+            filled.append(not has_holes)
     if not polygons:
         return None
     edge = np.column_stack([np.asarray(colors), np.ones(len(colors))])
     face = edge.copy()
-    face[:, 3] = face_alpha
-    kwargs = {"name": name, "scale": (1.0, 1.0), "units": UNITS, "shape_type": "polygon",
+    face[:, 3] = np.where(filled, face_alpha, 0.0)
+    kwargs = {"name": name, "scale": (1.0, 1.0), "units": UNITS, "shape_type": types,
               "edge_color": edge, "face_color": face, "edge_width": edge_width_um,
               "features": pd.DataFrame(rows), "text": {"string": "{name}", "size": 10, "color": "white"}}
     return (polygons, kwargs, "shapes")
