@@ -321,3 +321,39 @@ def test_tls_browser_docks_from_the_manifest(make_napari_viewer, result_folder):
     viewer.open(str(folder), plugin="tme-napari")
     _, widget = viewer.window.add_plugin_dock_widget("tme-napari", "TLS browser")
     assert len(widget.views) == 2
+
+
+# --- a 10 x 10 mm slide is never read whole --------------------------------------------------------
+
+def _big_lazy_slide(tmp_path):
+    """A 10 x 10 mm, 2-channel slide at 0.5 µm (20000² px, 5 levels) whose levels 0-3 refuse to be read."""
+    from tme_pipeline.io.slides import Slide
+
+    def refuse(block):
+        if block.size:  # dask calls once with an empty block to infer the output
+            raise AssertionError("a full-resolution level was read")
+        return block
+
+    levels = []
+    for k in range(5):
+        side = 20000 // 2**k
+        level = da.random.default_rng(k).integers(100, 1000, size=(2, side, side), chunks=(1, 1024, 1024))
+        levels.append(level.astype(np.uint16) if k == 4 else level.astype(np.uint16).map_blocks(refuse, dtype=np.uint16))
+    return Slide(path=tmp_path / "big.ome.tif", format="ome-tiff", levels=tuple(levels),
+                 channel_names=("DAPI", "CD3"), pixel_um=PIXEL_UM)
+
+
+def test_big_slide_layers_read_the_smallest_level_only(tmp_path):
+    layers = slide_layers(_big_lazy_slide(tmp_path))
+    assert [len(levels) for levels, _, _ in layers] == [5, 5]
+    assert all(100 <= k["contrast_limits"][0] < k["contrast_limits"][1] <= 1000 for _, k, _ in layers)
+
+
+def test_big_slide_shows_in_viewer_without_reading_full_resolution(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer(show=True)  # a hidden viewer's screenshot is not drawn
+    for data, kwargs, _ in slide_layers(_big_lazy_slide(tmp_path)):
+        viewer.add_image(data, **kwargs)
+    picture = viewer.screenshot(canvas_only=True, flash=False)
+    assert picture[..., :3].max() > 0
+    assert viewer.layers["DAPI"].data_level == 4  # the whole slide in view: the coarsest level
+    np.testing.assert_allclose(viewer.layers["DAPI"].extent.world[1], [10000.0, 10000.0], atol=PIXEL_UM)
