@@ -271,9 +271,10 @@ def shapes_layer(features: Sequence[tuple[object, dict]], *, name: str, edge_wid
     (list of numpy.ndarray (V, 2) (y, x) µm, dict, "shapes") or None
         One polygon per part of each feature (a MultiPolygon gives several with the same
         properties). napari polygons have no holes, so a hole (e.g. of the margin band) is
-        drawn as a closed path outline and its polygon is left unfilled; colours from each feature's QuPath classification colour (for TLS, the
-        maturity); ``features`` has ``name`` (the classification), every measurement and
-        every scalar property. None if there is no polygon.
+        drawn as a closed path outline and its polygon is left unfilled. Colours are each
+        feature's QuPath classification colour (for TLS, the maturity). ``features`` has
+        ``name`` (the classification), every measurement and every scalar property. None if
+        there is no polygon.
     """
     import pandas as pd
 
