@@ -48,6 +48,17 @@ T_CELLS = ("CD4_T", "CD8_T", "Treg")
 
 logger = logging.getLogger("eval_phenotype")
 
+# Phenotypes are scored on the table of the phenotype stage; the stages after it (TLS,
+# regions, pictures) change no call, so they are not run.
+from tme_pipeline.results import PHENOTYPED  # noqa: E402
+
+
+def _phenotype_stages():
+    from tme_pipeline.stages import STAGES
+
+    names = [s.name for s in STAGES]
+    return STAGES[:names.index("phenotype") + 1]
+
 
 def _synth(cache: Path, seed: int, sample: tuple[str, str], size_mm: float, gain_scale: float = 1.0,
            style: str | None = None):
@@ -77,7 +88,7 @@ def _score(truth, slide_dir: Path) -> dict:
     truth_labels = render_truth_labels(truth, (slice(0, labels.shape[0]), slice(0, labels.shape[1])),
                                        kind="nuclei")
     t_ids, p_ids, _ = matched_pairs(truth_labels, labels, iou_threshold=0.5)
-    cells = ad.read_h5ad(slide_dir / "cells.h5ad")
+    cells = ad.read_h5ad(slide_dir / PHENOTYPED)
     obs = cells.obs.set_index("cell_id")
     tcells = truth.cells.set_index("cell_id")
     expected = tcells.loc[t_ids, "cell_type"].astype(str).map(TRUTH_PHENOTYPE).to_numpy()
@@ -118,7 +129,7 @@ def _confusion_rates(confusion: dict) -> dict:
 def _exclusive_counts(slide_dir: Path) -> dict:
     import anndata as ad
 
-    cells = ad.read_h5ad(slide_dir / "cells.h5ad", backed="r")
+    cells = ad.read_h5ad(slide_dir / PHENOTYPED, backed="r")
     try:
         return {k: {c: int(n) for c, n in v.items()} for k, v in cells.uns["phenotyping"].get("exclusive", {}).items()}
     finally:
@@ -165,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         seed = args.seed0 + i
         path, truth = _synth(args.work / "slides", seed, sample, args.size_mm, style=args.style)
         out_dir = args.work / "runs" / path.name.removesuffix(".ome.tif")
-        run_slide(path, out_dir, config=config, force=not args.reuse)
+        run_slide(path, out_dir, config=config, force=not args.reuse, stages=_phenotype_stages())
         scores = _score(truth, out_dir)
         report["slides"].append({"seed": seed, "sample": list(sample), **scores,
                                  "exclusive_counts": _exclusive_counts(out_dir),
@@ -192,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             path, truth = _synth(args.work / "slides", base["seed"], SAMPLES[0], args.size_mm, gain_scale=g,
                                  style=args.style)
             out_dir = args.work / "runs" / path.name.removesuffix(".ome.tif")
-            run_slide(path, out_dir, config=config, force=not args.reuse)
+            run_slide(path, out_dir, config=config, force=not args.reuse, stages=_phenotype_stages())
             s = _score(truth, out_dir)
             rob["n_CD8_T"][str(g)] = s["n_CD8_T"]
             rob[f"f1_gain{g}"] = {k: _f1(v)["f1"] for k, v in s["counts"].items()}

@@ -9,6 +9,7 @@ from slide_writers import write_ome_tiff, write_ome_zarr, write_plain_tiff, writ
 from tme_pipeline.cli import main
 from tme_pipeline.results import open_results
 from tme_pipeline.segment.metrics import match_labels
+from tme_pipeline.stages import STAGES
 
 NAMES = ["DAPI", "CD3", "CD8", "CD20", "CD21", "FOXP3", "PDL1", "SATB2"]
 
@@ -65,8 +66,8 @@ def test_bad_slides_recorded_and_batch_goes_on(cohort):
     assert [p.name for p in (root / "out" / "slides").iterdir() if p.name.startswith(".")] == []
     assert run["versions"]["numpy"] and run["config"]["channel_names"] == NAMES
     assert run["config_sha256"] and status["A_pre"]["timings"]["segment"] >= 0
-    assert list(status["A_pre"]["timings"]) == ["segment", "cells", "measure", "phenotype", "qc"]
-    assert status["A_pre"]["stages"] == {"ran": ["segment", "cells", "measure", "phenotype", "qc"], "reused": []}
+    assert list(status["A_pre"]["timings"]) == [s.name for s in STAGES]
+    assert status["A_pre"]["stages"] == {"ran": [s.name for s in STAGES], "reused": []}
     assert status["A_pre"]["info"]["phenotyping"]["gates"]["CD8"]["gate"] > 0
 
 
@@ -118,7 +119,7 @@ def test_rerun_skips_complete_and_redoes_partial(cohort):
     results = open_results(out)
     status = {s["slide_id"]: s["status"] for s in results.run["slides"]}
     assert status["A_pre"] == "skipped" and status["C_pre"] == "error"
-    assert results.record("A_pre")["stages"]["reused"] == ["segment", "cells", "measure", "phenotype", "qc"]
+    assert results.record("A_pre")["stages"]["reused"] == [s.name for s in STAGES]
     assert results.record("A_pre")["info"]["phenotyping"]["gates"] == gates  # a reused stage's gates are kept
     assert (out / "slides" / "A_pre" / "cells.h5ad").stat().st_mtime_ns == before
     assert not (out / "slides" / ".B_pre.partial").exists()

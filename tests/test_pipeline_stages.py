@@ -18,7 +18,8 @@ from tme_pipeline.results import open_results
 from tme_pipeline.stages import STAGES, Stage, StageOutput, check_stages
 from tme_pipeline.synth import synth_slide
 
-ALL = ["segment", "cells", "measure", "phenotype", "qc"]
+ALL = ["segment", "cells", "measure", "phenotype", "tls", "regions", "annotate", "qc"]
+FROM_PHENOTYPE = ("phenotype", "tls", "regions", "annotate", "qc")
 CLASSIC = "segmentation: {method: classic}\n"
 
 
@@ -80,7 +81,7 @@ def test_new_gate_reruns_phenotype_onwards_only(baseline, tmp_path):
     record_before = before.stages["stages"]["segment"]
 
     slide = _run(baseline, out, CLASSIC + f"gating: {{manual: {{CD8: {gate}}}}}\n")
-    assert slide.reused == ("segment", "cells", "measure") and slide.ran == ("phenotype", "qc")
+    assert slide.reused == ("segment", "cells", "measure") and slide.ran == FROM_PHENOTYPE
     after = open_results(out).slide("S")
     nuclei_after = _files(after.folder / "labels.ome.zarr" / "labels" / "nuclei")
     assert list(nuclei_after) == list(nuclei_before) and len(nuclei_before) > 2
@@ -93,6 +94,7 @@ def test_new_gate_reruns_phenotype_onwards_only(baseline, tmp_path):
     for layer in old.layers:
         np.testing.assert_array_equal(new.layers[layer], old.layers[layer])
     np.testing.assert_array_equal(new.obsm["nucleus_polygon_um"], old.obsm["nucleus_polygon_um"])
+    # CD8_T and CD4_T are both T cells: the TLS and the regions, hence tls_id and region, stay
     changed = {"CD8_pos", "phenotype"}
     pd.testing.assert_frame_equal(new.obs.drop(columns=list(changed)), old.obs.drop(columns=list(changed)))
     assert (new.obs["CD8_pos"].to_numpy() == (cd8 > gate)).all()
@@ -124,18 +126,18 @@ def test_missing_file_reruns_its_stage_and_downstream(baseline, tmp_path):
     out = _copy(baseline, tmp_path)
     (out / "slides" / "S" / "measured.h5ad").unlink()
     slide = _run(baseline, out)
-    assert slide.ran == ("measure", "phenotype", "qc")
+    assert slide.ran == ("measure", *FROM_PHENOTYPE)
     assert (out / "slides" / "S" / "measured.h5ad").is_file()
 
 
 def test_force_and_from(baseline, tmp_path):
     out = _copy(baseline, tmp_path)
-    assert _run(baseline, out, force_from="cells").ran == ("cells", "measure", "phenotype", "qc")
+    assert _run(baseline, out, force_from="cells").ran == ("cells", "measure", *FROM_PHENOTYPE)
     labels = open_results(out).slide("S").labels("cells").compute()
     np.testing.assert_array_equal(labels, open_results(baseline / "out").slide("S").labels("cells").compute())
     assert _run(baseline, out, force=True).ran == tuple(ALL)
-    with pytest.raises(ValueError, match="'regions': not a stage"):
-        _run(baseline, out, force_from="regions")
+    with pytest.raises(ValueError, match="'region': not a stage"):
+        _run(baseline, out, force_from="region")
 
 
 def _count_cells(inputs, folder: Path) -> StageOutput:
@@ -151,7 +153,7 @@ def _count_cells(inputs, folder: Path) -> StageOutput:
 def test_a_new_stage_runs_alone_on_a_finished_slide(baseline, tmp_path):
     out = _copy(baseline, tmp_path)
     extended = (*STAGES, Stage("counts", _count_cells, reads=("phenotypes",), writes=("counts.csv",),
-                               upstream=("phenotype",)))
+                               upstream=("annotate",)))
     folder = out / "slides" / "S"
     inode = (folder / "cells.h5ad").stat().st_ino
     slide = _run(baseline, out, stages=extended)
@@ -243,7 +245,7 @@ def test_open_results_lists_finished_slides_only(tmp_path):
 def test_neighbour_correction_reruns_measure_onwards(baseline, tmp_path):
     out = _copy(baseline, tmp_path)
     slide = _run(baseline, out, CLASSIC + "cells: {neighbour_correction: true, neighbour_markers: [CD8]}\n")
-    assert slide.ran == ("measure", "phenotype", "qc")
+    assert slide.ran == ("measure", *FROM_PHENOTYPE)
     new, old = open_results(out).slide("S").measured(), open_results(baseline / "out").slide("S").measured()
     others = [m for m in old.var_names if m != "CD8"]
     np.testing.assert_array_equal(new[:, others].X, old[:, others].X)

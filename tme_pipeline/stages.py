@@ -16,9 +16,14 @@ segment    segmentation,            labels.ome.zarr (nuclei, overview)   -
            model's files
 cells      cells.expand_um          labels.ome.zarr/labels/cells         segment
 measure    cells, panel             measured.h5ad                        cells
-phenotype  gating, phenotypes,      cells.h5ad                           measure
+phenotype  gating, phenotypes,      phenotyped.h5ad                      measure
            compensation
-qc         -                        gates.png, cd3_cd8.png               phenotype
+tls        tls                      tls.geojson, tls.json, tls.npz       phenotype
+regions    regions, + a low-res     regions.geojson, regions.json,       phenotype,
+           level of the slide       regions.npz                          tls
+annotate   -                        cells.h5ad (+ tls_id, region)        tls, regions
+qc         regions.grid_um          gates.png, cd3_cd8.png,              annotate
+                                    overview.png, tls/
 =========  =======================  ===================================  ==========
 """
 
@@ -39,12 +44,16 @@ from .config import Config
 from .io.slides import Slide
 from .panel import PanelMatch
 from .progress import progress
-from .results import CD3_CD8_PNG, CELLS, GATES_PNG, LABELS, MEASURED, SlideResults
+from .results import (
+    CD3_CD8_PNG, CELLS, GATES_PNG, LABELS, MEASURED, OVERVIEW_PNG, PHENOTYPED, REGIONS_GEOJSON, REGIONS_JSON,
+    REGIONS_NPZ, TLS_CLOSEUPS, TLS_GEOJSON, TLS_JSON, TLS_NPZ, SlideResults,
+)
 from .tiling import TileGrid
 
 __all__ = [
     "Stage", "StageOutput", "SlideInputs", "STAGES", "check_stages", "lowres_channel", "lowres_image", "segmentation_function",
-    "segment_stage", "cells_stage", "measure_stage", "phenotype_stage", "qc_stage",
+    "segment_stage", "cells_stage", "measure_stage", "phenotype_stage", "tls_stage", "regions_stage",
+    "annotate_stage", "qc_stage", "CELL_REGIONS",
 ]
 
 # The largest level used to estimate slide-wide statistics (threshold, normalisation
@@ -370,7 +379,7 @@ def slide_info(inputs: SlideInputs, n_nuclei: int | None) -> dict[str, object]:
 
 
 def phenotype_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
-    """Gate every marker and call phenotypes on ``measured.h5ad``; write ``cells.h5ad``.
+    """Gate every marker and call phenotypes on ``measured.h5ad``; write ``phenotyped.h5ad``.
 
     Returns
     -------
@@ -388,19 +397,172 @@ def phenotype_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
         segmentation_markers=(config.segmentation.channel,),
     )
     cells.uns["slide"] = slide_info(inputs, int(cells.n_obs))
-    cells.write_h5ad(folder / CELLS)
+    cells.write_h5ad(folder / PHENOTYPED)
     return StageOutput(info={"phenotyping": typed.to_json()}, warnings=tuple(typed.flags))
 
 
-def qc_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
-    """The gating pictures a pathologist checks first: ``gates.png`` and, with CD3 and CD8, ``cd3_cd8.png``."""
-    from .qc_plots import plot_cd3_cd8, plot_gates
+def tls_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
+    """Find and stage the tertiary lymphoid structures on the phenotyped cells.
 
-    cells = SlideResults(inputs.slide_id, folder).cells()
+    Writes ``tls.geojson`` (QuPath), ``tls.json`` (the table, rejected candidates, parameters)
+    and ``tls.npz`` (``cell_id``, ``tls_id`` per cell, 0 = none).
+
+    Returns
+    -------
+    StageOutput
+        ``info['tls']``: count and count per maturity; a slide without TLS says why in a warning.
+    """
+    from .geojson import write_geojson
+    from .io.results import write_json
+    from .tls import find_tls, tls_geojson
+
+    cells = SlideResults(inputs.slide_id, folder).phenotyped()
+    result = find_tls(cells, inputs.config.tls)
+    write_geojson(folder / TLS_GEOJSON, tls_geojson(result, pixel_um=inputs.slide.pixel_um, slide_id=inputs.slide_id))
+    summary = result.to_json()
+    write_json(folder / TLS_JSON, summary)
+    np.savez_compressed(folder / TLS_NPZ, cell_id=cells.obs["cell_id"].to_numpy(np.int64),
+                        tls_id=np.asarray(result.cell_tls_id, np.int32))
+    counts = result.table["maturity"].astype(str).value_counts().to_dict() if len(result.table) else {}
+    info = {"count": int(len(result.table)),
+            **{f"{m}_count": int(counts.get(m, 0)) for m in dict.fromkeys([*TLS_MATURITIES, *counts])}}
+    warnings = ()
+    if not len(result.table):
+        reason = summary.get("reason") or f"{len(result.rejected)} candidate(s) rejected"
+        info["reason"] = reason
+        warnings = (f"slide {inputs.slide_id!r}: no TLS ({reason})",)
+    return StageOutput(info={"tls": info}, warnings=warnings)
+
+
+def regions_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
+    """Tissue, tumour bed (viable, necrosis, fibrosis), margin, core and stroma from the cells and a low-res level.
+
+    Writes ``regions.geojson`` (QuPath), ``regions.json`` (areas mm², % necrosis, absent
+    regions with reasons) and ``regions.npz`` (the grids; per ``cell_id`` its region,
+    ``in_tumor`` and signed ``border_distance_um``).
+
+    Returns
+    -------
+    StageOutput
+        ``info['regions']``: areas (mm²), percents and absent regions; each absent region is
+        a warning.
+    """
+    from .geojson import write_geojson
+    from .io.results import write_json
+    from .regions import find_regions, regions_geojson
+
+    slide, config = inputs.slide, inputs.config
+    results = SlideResults(inputs.slide_id, folder)
+    cells = results.phenotyped()
+    tls_features, _ = results.tls()
+    image, image_um = lowres_image(slide, target_um=config.regions.grid_um)
+    height_mm, width_mm = slide.size_mm
+    regions = find_regions(
+        cells.obs, image, image_um, channel_names=slide.channel_names,
+        nuclear_channel=slide.channel_names[inputs.nuclear_channel], size_um=(width_mm * 1000.0, height_mm * 1000.0),
+        tls_polygons_um=[geom for geom, _ in tls_features], config=config.regions,
+    )
+    write_geojson(folder / REGIONS_GEOJSON, regions_geojson(regions, pixel_um=slide.pixel_um, slide_id=inputs.slide_id))
+    summary = regions.to_json()
+    write_json(folder / REGIONS_JSON, summary)
+    names = sorted(regions.masks)
+    np.savez_compressed(
+        folder / REGIONS_NPZ, grid_um=np.float64(regions.grid_um), mask_names=np.array(names),
+        **{f"mask_{n}": np.asarray(regions.masks[n], bool) for n in names},
+        cell_id=cells.obs["cell_id"].to_numpy(np.int64), region=np.asarray(regions.cell_region, dtype="U16"),
+        in_tumor=np.asarray(regions.in_tumor, bool),
+        border_distance_um=np.asarray(regions.border_distance_um, np.float32),
+    )
+    info = {"areas_mm2": {k: round(float(v), 6) for k, v in regions.areas_mm2.items()},
+            "percent_necrosis": regions.percent_necrosis, "percent_viable_tumor": regions.percent_viable_tumor,
+            "absent": dict(regions.absent)}
+    warnings = tuple(f"slide {inputs.slide_id!r}: region {name} absent: {why}" for name, why in regions.absent.items())
+    return StageOutput(info={"regions": info}, warnings=warnings)
+
+
+#: TLS maturities, least to most mature; every one is counted in ``run.json``, even at 0.
+TLS_MATURITIES = ("aggregate", "primary", "secondary", "unstaged")
+
+#: The per-cell region labels of ``cells.h5ad``, in this order.
+CELL_REGIONS = ("tumor_core", "margin", "stroma")
+
+
+def annotate_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
+    """Join phenotypes, TLS and regions per cell into ``cells.h5ad``, the table users open.
+
+    Adds ``obs['tls_id']`` (0 = none), ``obs['region']`` (categorical :data:`CELL_REGIONS`),
+    ``obs['in_tumor']`` and ``obs['border_distance_um']`` (signed, negative inside the bed;
+    NaN without a bed) to ``phenotyped.h5ad``; ``uns['regions']`` holds the areas (mm²) and
+    percents, ``uns['tls']`` the TLS counts.
+    """
+    import pandas as pd
+
+    results = SlideResults(inputs.slide_id, folder)
+    cells = results.phenotyped()
+    ids = cells.obs["cell_id"].to_numpy(np.int64)
+    with np.load(folder / TLS_NPZ, allow_pickle=False) as tls, np.load(folder / REGIONS_NPZ, allow_pickle=False) as reg:
+        for name, z in ((TLS_NPZ, tls), (REGIONS_NPZ, reg)):
+            if not np.array_equal(z["cell_id"], ids):
+                raise ValueError(f"{folder / name}: its cells are not those of {PHENOTYPED} (slide {inputs.slide_id!r})")
+        cells.obs["tls_id"] = tls["tls_id"].astype(np.int32)
+        cells.obs["region"] = pd.Categorical(reg["region"].astype(str), categories=CELL_REGIONS)
+        cells.obs["in_tumor"] = reg["in_tumor"].astype(bool)
+        cells.obs["border_distance_um"] = reg["border_distance_um"].astype(np.float32)
+    regions, (_, tls_summary) = results.regions(), results.tls()
+    cells.uns["regions"] = _h5ad_safe({k: regions.get(k) for k in ("areas_mm2", "percent_necrosis",
+                                                                   "percent_viable_tumor", "absent")})
+    cells.uns["tls"] = _h5ad_safe({k: v for k, v in tls_summary.items() if not isinstance(v, list)})
+    cells.write_h5ad(folder / CELLS)
+    return StageOutput(info={"n_cells_in_tls": int((cells.obs["tls_id"] > 0).sum())})
+
+
+def _h5ad_safe(value):
+    """A JSON summary as AnnData's ``uns`` stores it: None -> NaN, lists of dicts dropped."""
+    if isinstance(value, dict):
+        return {str(k): _h5ad_safe(v) for k, v in value.items()
+                if not (isinstance(v, list) and v and isinstance(v[0], dict))}
+    if value is None:
+        return float("nan")
+    return value
+
+
+def qc_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
+    """The pictures a pathologist checks first.
+
+    ``gates.png`` and, with CD3 and CD8, ``cd3_cd8.png`` (the gating); ``overview.png`` (the
+    slide in false colour with the regions and TLS outlined, TLS labelled by maturity) and
+    one close-up per TLS in ``tls/``.
+    """
+    from .qc_plots import plot_cd3_cd8, plot_gates
+    from .slide_plots import DEFAULT_COLOURS, plot_overview, plot_tls_closeups
+
+    slide = inputs.slide
+    results = SlideResults(inputs.slide_id, folder)
+    cells = results.cells()
     plot_gates(cells, folder / GATES_PNG)
     if {"CD3_pos", "CD8_pos"} <= set(cells.obs.columns):
         plot_cd3_cd8(cells, folder / CD3_CD8_PNG)
+    colours = _slide_colours(inputs, DEFAULT_COLOURS)
+    names = list(slide.channel_names)
+    image, image_um = lowres_image(slide, target_um=inputs.config.regions.grid_um)
+    masks, grid_um = results.region_grids()
+    features, _ = results.tls()
+    tls = [(int(p["tls_id"]), p["classification"]["name"], geom) for geom, p in features]
+    plot_overview(image, image_um, names, folder / OVERVIEW_PNG, colours=colours, region_masks=masks,
+                  grid_um=grid_um, tls=tls, title=inputs.slide_id)
+    closeups = folder / TLS_CLOSEUPS
+    closeups.mkdir(exist_ok=True)
+    shown = ("n_B", "n_T", "fdc_fraction", "gc_score")  # what tells the maturity; the rest is in tls.json
+    plot_tls_closeups(slide, [(t, m, g, {k: v for k, v in p.get("measurements", {}).items() if k in shown})
+                              for (t, m, g), (_, p) in zip(tls, features)],
+                      closeups, colours=colours, channel_names=names)
     return StageOutput()
+
+
+def _slide_colours(inputs: SlideInputs, defaults) -> dict:
+    """The overview's marker colours keyed by the slide's channel names, for the markers it has."""
+    channels = inputs.panel.channels if inputs.panel else {}
+    return {inputs.slide.channel_names[channels[m]]: colour for m, colour in defaults.items() if m in channels}
 
 
 #: The stages of ``tme run``, in order.
@@ -409,7 +571,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("cells", cells_stage, reads=("cells.expand_um",), writes=(f"{LABELS}/labels/cells",), upstream=("segment",)),
     Stage("measure", measure_stage, reads=("cells", "panel", "channel_map", "channel_names"), writes=(MEASURED,),
           upstream=("cells",), inputs=lambda inputs: {"markers": dict(_panel(inputs, "measure").channels)}),
-    Stage("phenotype", phenotype_stage, reads=("gating", "phenotypes", "compensation"), writes=(CELLS,),
+    Stage("phenotype", phenotype_stage, reads=("gating", "phenotypes", "compensation"), writes=(PHENOTYPED,),
           upstream=("measure",)),
-    Stage("qc", qc_stage, reads=(), writes=(GATES_PNG, CD3_CD8_PNG), upstream=("phenotype",)),
+    Stage("tls", tls_stage, reads=("tls",), writes=(TLS_GEOJSON, TLS_JSON, TLS_NPZ), upstream=("phenotype",)),
+    Stage("regions", regions_stage, reads=("regions",), writes=(REGIONS_GEOJSON, REGIONS_JSON, REGIONS_NPZ),
+          upstream=("phenotype", "tls")),
+    Stage("annotate", annotate_stage, reads=(), writes=(CELLS,), upstream=("tls", "regions")),
+    Stage("qc", qc_stage, reads=("regions.grid_um",), writes=(GATES_PNG, CD3_CD8_PNG, OVERVIEW_PNG, TLS_CLOSEUPS),
+          upstream=("annotate",)),
 )

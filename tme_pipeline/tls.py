@@ -52,12 +52,20 @@ from shapely.geometry import Polygon
 
 from .geojson import feature, feature_collection
 
-__all__ = ["TLSConfig", "TLSResult", "find_tls", "tls_geojson", "MATURITIES"]
+__all__ = ["TLSConfig", "TLSResult", "find_tls", "tls_geojson", "MATURITIES", "MATURITY_COLOURS"]
 
 #: Stages in order; ``unstaged`` when the panel has no FDC marker to stage with.
 MATURITIES = ("aggregate", "primary", "secondary", "unstaged")
-_COLORS = {"aggregate": (255, 200, 0), "primary": (255, 120, 0), "secondary": (200, 0, 60),
-           "unstaged": (150, 150, 150)}
+#: TLS maturity -> RGB (0-255): the class colours of tls.geojson (QuPath) and of the outlines in
+#: the overview and close-ups (tme_pipeline.slide_plots), so a TLS looks the same everywhere.
+#: Apart from each other and from the marker tints: aggregate pink, primary orange,
+#: secondary magenta; a TLS without a stage grey.
+MATURITY_COLOURS: dict[str, tuple[int, int, int]] = {
+    "aggregate": (255, 170, 200),
+    "primary": (255, 140, 0),
+    "secondary": (230, 0, 255),
+    "unstaged": (160, 160, 160),
+}
 
 
 class TLSConfig(BaseModel):
@@ -384,7 +392,7 @@ def tls_geojson(result: TLSResult, *, pixel_um: float, slide_id: str) -> dict:
     for row, poly in zip(result.table.to_dict(orient="records"), result.polygons_um):
         meas = {k: row[k] for k in ("area_um2", "b_core_area_um2", "n_B", "n_T", "b_density_per_mm2",
                                     "fdc_fraction", "gc_score") if row.get(k) is not None}
-        features.append(feature(poly, pixel_um=pixel_um, name=str(row["maturity"]), color=_COLORS[row["maturity"]],
+        features.append(feature(poly, pixel_um=pixel_um, name=str(row["maturity"]), color=MATURITY_COLOURS[row["maturity"]],
                                 measurements=meas,
                                 properties={"tls_id": int(row["tls_id"]), "maturity": str(row["maturity"])}))
     return feature_collection(features, pixel_um=pixel_um, slide_id=slide_id, kind="tls")
