@@ -146,10 +146,7 @@ class SlideResults:
     def _h5ad(self, name: str, backed: bool):
         import anndata as ad
 
-        path = self.folder / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no {name} in the results of slide {self.slide_id!r}")
-        return ad.read_h5ad(path, backed="r" if backed else None)
+        return ad.read_h5ad(self._existing(name), backed="r" if backed else None)
 
     def file(self, name: str) -> Path:
         """Path of one file of the folder (a layout name of this module, e.g. ``GATES_PNG``)."""

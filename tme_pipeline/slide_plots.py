@@ -119,14 +119,10 @@ def false_colour(image: np.ndarray, channel_names: Sequence[str], colours: Mappi
 
 def _window_px(slide, x0_um: float, y0_um: float, x1_um: float, y1_um: float, target_um: float):
     """Level index, its pixel (µm) and the clipped pixel window (x0, y0, x1, y1) covering the µm window."""
-    if not target_um > 0:
-        raise ValueError(f"target_um must be positive, got {target_um}")
     if not (x1_um > x0_um and y1_um > y0_um):
         raise ValueError(f"window must have x1 > x0 and y1 > y0 (µm), got ({x0_um}, {y0_um}, {x1_um}, {y1_um})")
-    sizes = [slide.level_pixel_um(i) for i in range(len(slide.levels))]
-    fine_enough = [i for i, um in enumerate(sizes) if um <= target_um * (1 + 1e-6)]
-    index = fine_enough[-1] if fine_enough else 0
-    um = sizes[index]
+    index = slide.coarsest_level_within(target_um)
+    um = slide.level_pixel_um(index)
     _, height, width = slide.levels[index].shape
     x0 = min(max(int(math.floor(x0_um / um)), 0), width)
     y0 = min(max(int(math.floor(y0_um / um)), 0), height)

@@ -183,16 +183,13 @@ def lowres_image(slide: Slide, *, target_um: float = 4.0) -> tuple[np.ndarray, f
         ``pixel_um`` µm from the slide's top left corner (trailing partial blocks dropped).
     pixel_um : float
     """
-    if not target_um > 0:
-        raise ValueError(f"target_um must be positive, got {target_um}")
-    sizes = [slide.level_pixel_um(i) for i in range(len(slide.levels))]
-    fine_enough = [i for i, um in enumerate(sizes) if um <= target_um * (1 + 1e-6)]
-    index = fine_enough[-1] if fine_enough else 0
-    factor = max(1, int(np.floor(target_um / sizes[index] + 1e-6)))
+    index = slide.coarsest_level_within(target_um)
+    level_um = slide.level_pixel_um(index)
+    factor = max(1, int(np.floor(target_um / level_um + 1e-6)))
     level = slide.levels[index].astype(np.float32)
     if factor > 1:
         level = da.coarsen(np.mean, level, {1: factor, 2: factor}, trim_excess=True)
-    return np.asarray(level.compute(), np.float32), sizes[index] * factor
+    return np.asarray(level.compute(), np.float32), level_um * factor
 
 
 def segmentation_function(config: Config, *, pixel_um: float, nuclear_lowres: np.ndarray):

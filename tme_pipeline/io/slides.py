@@ -94,6 +94,16 @@ class Slide:
         """µm per pixel of pyramid ``level`` (0 is full resolution)."""
         return self.pixel_um * self.downsamples[level]
 
+    def coarsest_level_within(self, target_um: float) -> int:
+        """The coarsest level whose pixel is at most ``target_um`` µm (0 when every level is coarser).
+
+        Raises ``ValueError`` unless ``target_um`` is positive.
+        """
+        if not target_um > 0:
+            raise ValueError(f"target_um must be positive, got {target_um}")
+        fine_enough = [i for i in range(len(self.levels)) if self.level_pixel_um(i) <= target_um * (1 + 1e-6)]
+        return fine_enough[-1] if fine_enough else 0
+
     def channel_index(self, name: str) -> int:
         """Index of the channel called ``name``.
 

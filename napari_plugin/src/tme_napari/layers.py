@@ -329,7 +329,7 @@ def result_folder_layers(folder: str | Path, *, load_slide: bool = True) -> list
     """
     from tme_pipeline.geojson import read_geojson
     from tme_pipeline.io.slides import open_slide
-    from tme_pipeline.results import REGIONS_GEOJSON, TLS_GEOJSON, SlideResults
+    from tme_pipeline.results import CELLS, REGIONS_GEOJSON, TLS_GEOJSON, SlideResults
 
     folder = Path(folder)
     results = SlideResults(folder.name, folder)
@@ -339,7 +339,7 @@ def result_folder_layers(folder: str | Path, *, load_slide: bool = True) -> list
     info = cells.uns.get("slide", {})
     pixel_um = float(info.get("pixel_um", cells.uns.get("pixel_um", 0.0)))
     if not pixel_um > 0:
-        raise ValueError(f"{results.file('cells.h5ad')}: no positive uns['slide']['pixel_um']")
+        raise ValueError(f"{results.file(CELLS)}: no positive uns['slide']['pixel_um']")
 
     layers: list[LayerData] = []
     slide_path = Path(str(info.get("path", "")))
