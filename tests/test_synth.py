@@ -315,3 +315,24 @@ def test_invalid_input_raises(tmp_path):
         synth_slide(tmp_path / "x.ome.tif", size_mm=(0, 1))
     with pytest.raises(ValueError):
         SlideCondition.for_sample("during", "responder")
+
+
+def test_partial_responders_sit_between_the_other_classes():
+    post = {r: SlideCondition.for_sample("post", r) for r in ("responder", "partial_responder", "non_responder")}
+    assert post["responder"].cd8_factor > post["partial_responder"].cd8_factor > post["non_responder"].cd8_factor
+    assert SlideCondition.for_sample("pre", "partial_responder").cd8_factor == 1.0
+    with pytest.raises(ValueError, match="partial_responder"):
+        SlideCondition.for_sample("post", "complete")
+
+
+def test_cohort_with_partial_responders_has_three_classes(tmp_path, monkeypatch):
+    import tme_pipeline.synth.cohort as cohort_mod
+
+    seen = []
+    monkeypatch.setattr(cohort_mod, "synth_slide", lambda path, **kw: seen.append(kw["condition"]))
+    manifest = synth_cohort(tmp_path, n_patients=10, seed=3, partial_responders=True)
+    rows = list(csv.DictReader(open(manifest)))
+    per_patient = {r["patient_id"]: r["response"] for r in rows}
+    counts = {c: list(per_patient.values()).count(c) for c in ("responder", "partial_responder", "non_responder")}
+    assert counts == {"responder": 4, "partial_responder": 3, "non_responder": 3}
+    assert [c.response for c in seen] == [r["response"] for r in rows]

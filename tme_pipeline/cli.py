@@ -20,6 +20,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     manifest = synth_cohort(
         args.out, n_patients=args.patients, seed=args.seed, size_mm=tuple(args.size_mm), pixel_um=args.pixel_um,
         style=args.style, post_size_mm=tuple(args.post_size_mm) if args.post_size_mm else None,
+        partial_responders=args.partial_responders,
     )
     print(f"wrote {manifest}")
     print(f"ground truth in {Path(args.out) / 'truth'}")
@@ -116,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixel-um", type=float, default=0.5, help="pixel size (µm)")
     p.add_argument("--style", choices=("default", "external_lab"), default="default",
                    help="slide look: default (as trained) or external_lab (another lab's, for validation)")
+    p.add_argument("--partial-responders", action="store_true",
+                   help="three response classes (responder, partial_responder, non_responder) instead of two")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("info", help="describe a slide: format, levels, channels -> markers, µm/px")

@@ -17,11 +17,14 @@ logger = logging.getLogger(__name__)
 
 def synth_cohort(out_dir: str | Path, *, n_patients: int = 2, seed: int = 0,
                  size_mm: tuple[float, float] = (2.0, 1.5), pixel_um: float = 0.5,
-                 style: str = "default", post_size_mm: tuple[float, float] | None = None) -> Path:
+                 style: str = "default", post_size_mm: tuple[float, float] | None = None,
+                 partial_responders: bool = False) -> Path:
     """Write a synthetic cohort: a pre-SBRT biopsy and a post-treatment resection per patient.
 
-    Half the patients (rounded up) are responders, assigned at random. Each patient has its
-    own immune baseline (log-normal), shared by its two slides.
+    Half the patients (rounded up) are responders, assigned at random; with
+    ``partial_responders`` a third (rounded up) are responders, a third partial responders
+    and the rest non-responders. Each patient has its own immune baseline (log-normal),
+    shared by its two slides.
 
     Parameters
     ----------
@@ -33,6 +36,7 @@ def synth_cohort(out_dir: str | Path, *, n_patients: int = 2, seed: int = 0,
     post_size_mm : (width, height) in mm of the post-treatment resections; None: ``size_mm``.
     pixel_um : level-0 pixel size in µm.
     style : slide style of every slide, see :func:`synth_slide`.
+    partial_responders : three response classes instead of two (see above).
 
     Returns
     -------
@@ -46,8 +50,13 @@ def synth_cohort(out_dir: str | Path, *, n_patients: int = 2, seed: int = 0,
     out = Path(out_dir)
     (out / "slides").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 606])
-    n_resp = (n_patients + 1) // 2
-    responses = rng.permutation(["responder"] * n_resp + ["non_responder"] * (n_patients - n_resp))
+    if partial_responders:
+        n_resp = (n_patients + 2) // 3
+        n_part = (n_patients - n_resp + 1) // 2
+        classes = ["responder"] * n_resp + ["partial_responder"] * n_part
+    else:
+        classes = ["responder"] * ((n_patients + 1) // 2)
+    responses = rng.permutation(classes + ["non_responder"] * (n_patients - len(classes)))
     immune = rng.lognormal(0.0, 0.3, n_patients)
     rows = []
     for p in range(n_patients):

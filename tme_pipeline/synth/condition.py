@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Response classes, best first.
+RESPONSES = ("responder", "partial_responder", "non_responder")
+
 
 @dataclass(frozen=True)
 class SlideCondition:
@@ -13,7 +16,7 @@ class SlideCondition:
     ----------
     timepoint : {"pre", "post"}
         Pre-SBRT biopsy (a small piece of tissue) or post-treatment resection.
-    response : {"responder", "non_responder"}
+    response : {"responder", "partial_responder", "non_responder"}
         Patient response class; recorded in the truth.
     tissue_fraction : float
         Fraction of the slide area covered by tissue.
@@ -55,13 +58,14 @@ class SlideCondition:
         """Condition of a PROMIS-like sample.
 
         Post-SBRT resections of responders carry 2-4x more CD8 T cells in tumour and
-        margin, more and more mature TLS, more necrosis and fibrosis; non-responders change
-        little. Pre-SBRT biopsies are small pieces of tissue.
+        margin, more and more mature TLS, more necrosis and fibrosis; partial responders
+        about half of that change; non-responders change little. Pre-SBRT biopsies are
+        small pieces of tissue.
         """
         if timepoint not in ("pre", "post"):
             raise ValueError(f"timepoint must be 'pre' or 'post', got {timepoint!r}")
-        if response not in ("responder", "non_responder"):
-            raise ValueError(f"response must be 'responder' or 'non_responder', got {response!r}")
+        if response not in RESPONSES:
+            raise ValueError(f"response must be one of {', '.join(RESPONSES)}, got {response!r}")
         if timepoint == "pre":
             return cls(timepoint="pre", response=response, tissue_fraction=0.4, tumor_fraction=0.5,
                        necrosis_fraction=0.04, fibrosis=0.0, immune_scale=immune_scale,
@@ -70,6 +74,10 @@ class SlideCondition:
             return cls(timepoint="post", response=response, tissue_fraction=0.8, tumor_fraction=0.35,
                        necrosis_fraction=0.25, fibrosis=0.6, immune_scale=immune_scale,
                        cd8_factor=3.0, tls_per_mm2=1.8, maturity_p=(0.2, 0.35, 0.45))
+        if response == "partial_responder":
+            return cls(timepoint="post", response=response, tissue_fraction=0.8, tumor_fraction=0.42,
+                       necrosis_fraction=0.17, fibrosis=0.4, immune_scale=immune_scale,
+                       cd8_factor=1.8, tls_per_mm2=1.3, maturity_p=(0.35, 0.35, 0.3))
         return cls(timepoint="post", response=response, tissue_fraction=0.8, tumor_fraction=0.5,
                    necrosis_fraction=0.1, fibrosis=0.2, immune_scale=immune_scale,
                    cd8_factor=1.15, tls_per_mm2=0.9, maturity_p=(0.55, 0.3, 0.15))
