@@ -16,6 +16,12 @@ Layout of ``OUT`` (``tme run ... --out OUT``)::
       cells.h5ad                    the cell table users open: phenotypes, tls_id, region
       gates.png, cd3_cd8.png        gating pictures
       overview.png, tls/            the slide with regions and TLS; one close-up per TLS
+      metrics.json                  per-slide metrics with units, immune class, infiltration profile
+      original/                     a corrected stage's uncorrected files (same names)
+    OUT/corrections/<slide_id>/corrections.json   a reviewer's corrections (append-only input)
+    OUT/cohort.h5ad                 one row per manifest slide: metrics (X), units (var), status
+    OUT/patients.h5ad               one row per patient: layers pre, post, delta, log2_fold_change
+    OUT/metrics.csv                 tidy: patient_id,timepoint,slide_id,metric,value,unit
 
 Everything else (the pipeline writing, the cohort tables, scripts, tests) takes these names
 from here.
@@ -30,7 +36,9 @@ from pathlib import Path
 __all__ = [
     "RUN_JSON", "LOCK_FILE", "SLIDES_DIR", "STAGES_JSON", "LABELS", "MEASURED", "CELLS", "GATES_PNG",
     "CD3_CD8_PNG", "PHENOTYPED", "TLS_GEOJSON", "TLS_JSON", "TLS_NPZ", "REGIONS_GEOJSON", "REGIONS_JSON",
-    "REGIONS_NPZ", "OVERVIEW_PNG", "TLS_CLOSEUPS", "Results", "SlideResults", "open_results", "slide_folder",
+    "METRICS_JSON",
+    "REGIONS_NPZ", "OVERVIEW_PNG", "TLS_CLOSEUPS", "CORRECTIONS_DIR", "CORRECTIONS_JSON", "ORIGINAL_DIR",
+    "corrections_file", "COHORT_H5AD", "PATIENTS_H5AD", "METRICS_CSV", "Results", "SlideResults", "open_results", "slide_folder",
 ]
 
 RUN_JSON = "run.json"
@@ -51,11 +59,28 @@ OVERVIEW_PNG = "overview.png"
 TLS_CLOSEUPS = "tls"
 GATES_PNG = "gates.png"
 CD3_CD8_PNG = "cd3_cd8.png"
+METRICS_JSON = "metrics.json"
+CORRECTIONS_DIR = "corrections"
+CORRECTIONS_JSON = "corrections.json"
+ORIGINAL_DIR = "original"
+COHORT_H5AD = "cohort.h5ad"
+PATIENTS_H5AD = "patients.h5ad"
+METRICS_CSV = "metrics.csv"
 
 
 def slide_folder(out: str | Path, slide_id: str) -> Path:
     """``OUT/slides/<slide_id>``: where a slide's results live once complete."""
     return Path(out) / SLIDES_DIR / slide_id
+
+
+def corrections_file(out: str | Path, slide_id: str) -> Path:
+    """``OUT/corrections/<slide_id>/corrections.json``: a slide's review corrections.
+
+    They live outside ``OUT/slides/`` because they are an input of the run, not an output:
+    the runner replaces a slide folder whole, and ``--force`` or deleting the folder must
+    never lose a reviewer's work.
+    """
+    return Path(out) / CORRECTIONS_DIR / slide_id / CORRECTIONS_JSON
 
 
 @dataclass(frozen=True)
@@ -105,6 +130,11 @@ class SlideResults:
         with np.load(self._existing(REGIONS_NPZ), allow_pickle=False) as z:
             names = [str(n) for n in z["mask_names"]]
             return {n: z[f"mask_{n}"] for n in names}, float(z["grid_um"])
+
+    def metrics(self) -> dict:
+        """``metrics.json``: metrics with units and descriptions, reasons for nulls, immune class,
+        infiltration profile (:func:`tme_pipeline.metrics.metrics_json`)."""
+        return _read_json(self._existing(METRICS_JSON))
 
     def _existing(self, name: str) -> Path:
         path = self.folder / name
@@ -192,6 +222,36 @@ class Results:
             if entry["slide_id"] == slide_id:
                 return entry
         raise ValueError(f"{self.out / RUN_JSON}: no slide {slide_id!r}")
+
+    def cohort(self):
+        """``cohort.h5ad`` as AnnData: slides x metrics (NaN where absent or failed), ``var['unit']``,
+        ``obs`` the manifest columns, ``status``, ``error`` and ``immune_class``."""
+        import anndata as ad
+
+        return ad.read_h5ad(self._table(COHORT_H5AD))
+
+    def patients(self):
+        """``patients.h5ad`` as AnnData: patients x metrics, layers ``pre``, ``post``, ``delta``
+        (= ``X``) and ``log2_fold_change``; ``obs['complete']`` and ``obs['reason']``."""
+        import anndata as ad
+
+        return ad.read_h5ad(self._table(PATIENTS_H5AD))
+
+    def metrics_table(self):
+        """``metrics.csv`` as a pandas DataFrame: ``patient_id,timepoint,slide_id,metric,value,unit``;
+        ``value`` float, NaN where the metric is absent."""
+        import pandas as pd
+
+        text = ("patient_id", "timepoint", "slide_id", "metric", "unit")
+        # only an empty value is missing: a patient called "NA" stays a patient
+        return pd.read_csv(self._table(METRICS_CSV), dtype={c: str for c in text} | {"value": float},
+                           keep_default_na=False, na_values={"value": [""]})
+
+    def _table(self, name: str) -> Path:
+        path = self.out / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no {name}; `tme run` writes it at the end of a run")
+        return path
 
 
 def open_results(out: str | Path) -> Results:
