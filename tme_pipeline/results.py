@@ -245,7 +245,7 @@ class Results:
         text = ("patient_id", "timepoint", "slide_id", "metric", "unit")
         # only an empty value is missing: a patient called "NA" stays a patient
         return pd.read_csv(self._table(METRICS_CSV), dtype={c: str for c in text} | {"value": float},
-                           keep_default_na=False, na_values={"value": [""]})
+                           keep_default_na=False, na_values={"value": [""]}, float_precision="round_trip")
 
     def _table(self, name: str) -> Path:
         path = self.out / name
