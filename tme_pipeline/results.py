@@ -17,11 +17,13 @@ Layout of ``OUT`` (``tme run ... --out OUT``)::
       gates.png, cd3_cd8.png        gating pictures
       overview.png, tls/            the slide with regions and TLS; one close-up per TLS
       metrics.json                  per-slide metrics with units, immune class, infiltration profile
+      report.html                   the slide's self-contained report (:mod:`tme_pipeline.report`)
       original/                     a corrected stage's uncorrected files (same names)
     OUT/corrections/<slide_id>/corrections.json   a reviewer's corrections (append-only input)
     OUT/cohort.h5ad                 one row per manifest slide: metrics (X), units (var), status
     OUT/patients.h5ad               one row per patient: layers pre, post, delta, log2_fold_change
     OUT/metrics.csv                 tidy: patient_id,timepoint,slide_id,metric,value,unit
+    OUT/report.html                 the cohort report, linking every slide's report.html
 
 Everything else (the pipeline writing, the cohort tables, scripts, tests) takes these names
 from here.
@@ -36,7 +38,7 @@ from pathlib import Path
 __all__ = [
     "RUN_JSON", "LOCK_FILE", "SLIDES_DIR", "STAGES_JSON", "LABELS", "MEASURED", "CELLS", "GATES_PNG",
     "CD3_CD8_PNG", "PHENOTYPED", "TLS_GEOJSON", "TLS_JSON", "TLS_NPZ", "REGIONS_GEOJSON", "REGIONS_JSON",
-    "METRICS_JSON",
+    "METRICS_JSON", "REPORT_HTML", "COHORT_REPORT",
     "REGIONS_NPZ", "OVERVIEW_PNG", "TLS_CLOSEUPS", "CORRECTIONS_DIR", "CORRECTIONS_JSON", "ORIGINAL_DIR",
     "corrections_file", "COHORT_H5AD", "PATIENTS_H5AD", "METRICS_CSV", "Results", "SlideResults", "open_results", "slide_folder",
 ]
@@ -66,6 +68,8 @@ ORIGINAL_DIR = "original"
 COHORT_H5AD = "cohort.h5ad"
 PATIENTS_H5AD = "patients.h5ad"
 METRICS_CSV = "metrics.csv"
+REPORT_HTML = "report.html"
+COHORT_REPORT = "report.html"
 
 
 def slide_folder(out: str | Path, slide_id: str) -> Path:
