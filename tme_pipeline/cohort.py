@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 import traceback
 from collections.abc import Sequence
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .cohort_tables import write_cohort_tables
 from .config import Config, load_config
 from .io.manifest import Manifest, read_manifest
 from .io.results import remove_stale_partials, write_json
@@ -19,6 +21,7 @@ from .pipeline import SlideResult, run_slide
 from .provenance import provenance
 from .results import RUN_JSON, SLIDES_DIR, slide_folder
 from .stages import STAGES, Stage, check_stages
+from .tiling import tile_grid
 
 __all__ = ["CohortResult", "run_cohort"]
 
@@ -81,6 +84,13 @@ def run_cohort(
     Returns
     -------
     CohortResult
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        Before any slide runs: a bad manifest, a tile size the overlap does not fit, an
+        output folder that cannot be written, a StarDist model that is missing or does not
+        load (the message names the file).
     """
     config = config or load_config(config_path)
     manifest = read_manifest(manifest_path, timepoints=config.timepoints)
@@ -89,6 +99,9 @@ def run_cohort(
     if force_from is not None and force_from not in names:
         raise ValueError(f"--from {force_from!r}: not a stage ({', '.join(names)})")
     out = Path(out)
+    _check_tiles(config, config_path)
+    _check_model(config)
+    _check_writable(out)
     with output_lock(out):
         return _run_locked(manifest, out, config, config_path, scheduler, pixel_um,
                            force_from=names[0] if force else force_from, stages=stages)
@@ -131,13 +144,64 @@ def _run_locked(manifest: Manifest, out: Path, config: Config, config_path, sche
                     status="error",
                     out_dir=slide_folder(out, row.slide_id),
                     seconds=round(time.perf_counter() - t0, 3),
-                    error=f"{type(error).__name__}: {error}",
+                    error=_describe(error, slide_folder(out, row.slide_id)),
                 )
             results.append(result)
             write_json(out / RUN_JSON, _run_record(manifest, header, results, started, scheduler_info))
     result = CohortResult(out=out, manifest=manifest, slides=tuple(results))
-    write_json(out / RUN_JSON, _run_record(manifest, header, results, started, scheduler_info, done=True))
+    record = _run_record(manifest, header, results, started, scheduler_info, done=True)
+    write_json(out / RUN_JSON, record)
+    # the tables read the run.json just written; then run.json says whether they were
+    record["cohort_tables"] = _cohort_tables(out, manifest)
+    write_json(out / RUN_JSON, record)
     return result
+
+
+def _cohort_tables(out: Path, manifest: Manifest) -> dict:
+    """Write ``cohort.h5ad``, ``patients.h5ad``, ``metrics.csv``; a failure is recorded, not raised."""
+    try:
+        paths = write_cohort_tables(out, manifest=manifest)
+    except Exception as error:  # the slides' results stand without the tables
+        log.error("cohort tables not written: %s", error)
+        return {"files": [], "error": f"{type(error).__name__}: {error}"}
+    return {"files": [path.name for path in paths.values()], "error": None}
+
+
+def _check_tiles(config: Config, config_path) -> None:
+    """Every slide's tile grid follows the same rules: a tile/overlap it refuses fails the run, not each slide."""
+    seg = config.segmentation
+    try:
+        tile_grid((1, 1), pixel_um=1.0, tile_um=seg.tile_um, overlap_um=seg.overlap_um)
+    except ValueError as error:
+        raise ValueError(f"{config_path or 'configuration'}: segmentation: {error}") from None
+
+
+def _check_model(config: Config) -> None:
+    """Load the nucleus model once: a missing or broken model fails the run, not every slide."""
+    if config.segmentation.method == "stardist":
+        from .segment.registry import model_folder
+        from .segment.weights import load_model
+
+        load_model(model_folder(config.segmentation.stardist.model))
+
+
+def _check_writable(out: Path) -> None:
+    """``ValueError`` naming ``out`` unless a file can be created in it (made if missing)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".tme.write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"{out}: output folder cannot be written ({error.strerror or error})") from error
+
+
+def _describe(error: Exception, folder: Path) -> str:
+    """The error as ``run.json`` records it; an OS error that names no file gets the slide's folder."""
+    text = f"{type(error).__name__}: {error}"
+    if isinstance(error, OSError) and not error.filename:
+        text += f" (slide folder {folder})"
+    return text
 
 
 def _run_record(
