@@ -102,6 +102,41 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_recompute(args: argparse.Namespace) -> int:
+    from .recompute import recompute
+
+    result = recompute(args.out, slide_id=args.slide)
+    for slide in result.slides:
+        detail = slide.error if slide.status == "error" else f"ran {', '.join(slide.ran) or 'nothing'}"
+        corrections = slide.info.get("corrections") if slide.info else None
+        if corrections:
+            detail += f"; {corrections['count']} correction(s), last {corrections['last_id']}"
+        print(f"{slide.slide_id:<24} {slide.status:<8} {detail}")
+    for name, path in result.tables.items():
+        print(f"{name}: {path}")
+    if result.n_failed:
+        print(f"{result.n_failed} slide(s) failed: see run.json", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    import json
+
+    from .analysis import analyze
+
+    folder = analyze(args.out, group=args.group, metrics=args.metrics, alpha=args.alpha)
+    summary = json.loads((folder / "analysis.json").read_text())
+    n = summary["patients"]
+    print(f"{n['complete']} of {n['n']} patients with both timepoints; {summary['parameters']['n_metrics']} metrics")
+    for row in summary["significant"]:
+        print(f"  {row['metric']:<36} BH p = {row['p_adjusted']:.3g}  HL {row['hl_estimate']:.4g} {row['unit']}")
+    if summary["cold_to_hot"] is not None:
+        print(f"cold -> hot: {summary['cold_to_hot']} patient(s)")
+    print(f"wrote {folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tme", description="Multiplex IF slides to tumour-microenvironment metrics.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="debug logging")
@@ -149,6 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_stage", default=None, metavar="STAGE",
                    help="recompute from this stage on (segment, cells, measure, phenotype, qc)")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("analyze", help="paired pre/post tests of a results folder's patients.h5ad -> OUT/analysis")
+    p.add_argument("out", type=Path, help="a results folder of tme run")
+    p.add_argument("--group", default=None, metavar="COLUMN", help="also per level of this manifest column")
+    p.add_argument("--metrics", nargs="+", default=None, metavar="M", help="only these metrics (default: all)")
+    p.add_argument("--alpha", type=float, default=0.05, help="1 - confidence level; significance level")
+    p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("recompute", help="after review corrections, re-run what they made stale (config of run.json)")
+    p.add_argument("out", type=Path, help="a results folder of tme run")
+    p.add_argument("--slide", default=None, metavar="ID", help="only this slide")
+    p.set_defaults(func=_cmd_recompute)
     return parser
 
 
