@@ -65,6 +65,20 @@ napari: $(VENV)/.napari-installed napari-debs
 .PHONY: napari napari-debs
 # --- end napari plugin ------------------------------------------------------------------------
 
+# --- R interop (issue 13) ----------------------------------------------------------------------
+# Analysts open patients.h5ad and metrics.csv in R: tests/test_interop_r.py runs the README's R
+# snippet with Rscript and rhdf5, from these Debian packages, installed only when one is missing.
+R_DEBS := r-base-core r-bioc-rhdf5
+
+r-debs:
+	@if [ "$$(dpkg-query -W -f='$${Status}\n' $(R_DEBS) 2>/dev/null | grep -c 'ok installed')" \
+	    -ne $(words $(R_DEBS)) ]; then \
+	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(R_DEBS); \
+	fi
+
+.PHONY: r-debs
+# --- end R interop ----------------------------------------------------------------------------
+
 # The cohort is written once: rewriting its slides would make every stage of demo/out stale.
 # `make demo DEMO_CONFIG=my.yaml` re-runs with a changed config; tme run recomputes only the
 # stages the change makes stale and prints, per slide, which it reused and which it ran.
@@ -79,8 +93,8 @@ demo: venv demo/data/manifest.csv
 	@echo "Demo cohort:  demo/data/manifest.csv (truth in demo/data/truth/)"
 	@echo "Outputs:      demo/out/run.json and demo/out/slides/<slide_id>/"
 
-test: venv napari $(VENV_TF)/.installed $(VENV_SQ)/.installed
-	TME_REQUIRE_TF_REFERENCE=1 TME_REQUIRE_SQUIDPY=1 xvfb-run -a $(PY) -m pytest -q tests
+test: venv napari r-debs $(VENV_TF)/.installed $(VENV_SQ)/.installed
+	TME_REQUIRE_TF_REFERENCE=1 TME_REQUIRE_SQUIDPY=1 TME_REQUIRE_R=1 xvfb-run -a $(PY) -m pytest -q tests
 
 bench-segment: venv $(VENV_TF)/.installed
 	$(PY) scripts/bench_segment.py --out bench_out/segment.json

@@ -123,8 +123,11 @@ def write_cohort_tables(out_dir: str | Path, *, manifest: Manifest | None = None
         for path in paths.values():
             path.unlink(missing_ok=True)
         raise
-    _atomic(paths["cohort"], tables.cohort.write_h5ad)
-    _atomic(paths["patients"], tables.patients.write_h5ad)
+    for name in ("cohort", "patients"):
+        # text columns stay text (only the class columns are categorical), whatever their
+        # repeats: an R or HDF5 reader meets one encoding per column, every time
+        _atomic(paths[name], lambda tmp, table=getattr(tables, name):
+                table.write_h5ad(tmp, convert_strings_to_categoricals=False))
     _atomic(paths["metrics"], lambda tmp: tables.metrics.to_csv(tmp, index=False, na_rep=""))
     return paths
 
