@@ -33,7 +33,8 @@ def make_patients(pre, post, metrics, units, *, response=None, class_pre=None, c
     var = pd.DataFrame({"unit": units, "description": [""] * len(metrics)}, index=pd.Index(metrics))
     c = np.array([PSEUDO[u] for u in units])
     layers = {"pre": pre, "post": post, "delta": post - pre, "log2_fold_change": np.log2((post + c) / (pre + c))}
-    return ad.AnnData(X=post - pre, obs=obs, var=var, layers=layers, uns={"log2_pseudocount": PSEUDO})
+    uns = {"log2_pseudocount": {"unit": np.array(list(PSEUDO)), "pseudocount": np.array(list(PSEUDO.values()))}}
+    return ad.AnnData(X=post - pre, obs=obs, var=var, layers=layers, uns=uns)
 
 
 def planted_cohort(seed=0, n=10):
@@ -213,3 +214,14 @@ def test_bad_input_names_what_is_wrong(tmp_path, capsys):
     make_patients(pre, post, metrics, units, complete=[False] * 10).write_h5ad(tmp_path / "patients.h5ad")
     with pytest.raises(ValueError, match="no patient has both timepoints"):
         analyze(tmp_path)
+
+
+def test_pseudocount_read_as_the_cohort_tables_write_it(tmp_path):
+    from tme_pipeline.analysis import _pseudocount
+
+    pre, post, metrics, units = planted_cohort(9)
+    make_patients(pre, post, metrics, units).write_h5ad(tmp_path / "patients.h5ad")
+    patients = ad.read_h5ad(tmp_path / "patients.h5ad")
+    assert _pseudocount(patients, "density_CD8_T_tumor", "cells/mm2") == 1.0
+    assert _pseudocount(patients, "tls_count", "count") == 0.5
+    assert _pseudocount(patients, "pdl1_cps", "score") == 0.1     # a unit it does not list

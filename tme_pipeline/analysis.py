@@ -68,8 +68,9 @@ def _levels(patients, group: str, source: str) -> tuple[pd.Series, list[str]]:
     col = patients.obs[group]
     levels = [str(c) for c in col.cat.categories] if isinstance(col.dtype, pd.CategoricalDtype) \
         else sorted({str(v) for v in col.dropna()})
-    labels = col.astype(object).where(col.notna(), None).map(lambda v: None if v is None else str(v))
-    return labels, [lv for lv in levels if (labels == lv).any()]
+    # The cohort tables write "" where a patient has no value of a manifest column.
+    labels = col.astype(object).where(col.notna(), None).map(lambda v: None if v is None or v == "" else str(v))
+    return labels, [lv for lv in levels if lv and (labels == lv).any()]
 
 
 def paired_tests(patients, *, metrics: list[str] | None = None, group: str | None = None,
@@ -197,24 +198,18 @@ def transitions(patients) -> tuple[pd.DataFrame, int]:
     return table, cold_to_hot
 
 
-def _flat(table, prefix: str = "") -> dict:
-    """A nested mapping with '/'-joined keys: h5py stores a key ``cells/mm2`` as two groups."""
-    out = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}/"))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _pseudocount(patients, metric: str, unit: str) -> float:
-    """The log2 fold change's pseudo-count of ``metric`` from ``uns['log2_pseudocount']``
-    (keyed by metric or by unit; 0.1 where it names neither, the contract's default)."""
+    """The log2 fold change's pseudo-count of ``metric`` from ``uns['log2_pseudocount']``.
+
+    The cohort tables store it as two parallel arrays ``unit`` and ``pseudocount`` (a unit
+    such as ``cells/mm2`` is no HDF5 key); a plain {unit or metric: c} mapping is read too.
+    0.1 where it names neither, the contract's default.
+    """
     table = patients.uns.get("log2_pseudocount", {})
     if not isinstance(table, dict):
         return float(table)
-    table = _flat(table)
+    if "unit" in table and "pseudocount" in table:
+        table = dict(zip(np.asarray(table["unit"]).astype(str), np.asarray(table["pseudocount"], np.float64)))
     return float(table.get(metric, table.get(unit, 0.1)))
 
 
