@@ -18,8 +18,8 @@ from tme_pipeline.results import open_results
 from tme_pipeline.stages import STAGES, Stage, StageOutput, check_stages
 from tme_pipeline.synth import synth_slide
 
-ALL = ["segment", "cells", "measure", "phenotype", "tls", "regions", "annotate", "qc"]
-FROM_PHENOTYPE = ("phenotype", "tls", "regions", "annotate", "qc")
+ALL = ["segment", "cells", "measure", "phenotype", "tls", "regions", "annotate", "qc", "metrics"]
+FROM_PHENOTYPE = ("phenotype", "tls", "regions", "annotate", "qc", "metrics")
 CLASSIC = "segmentation: {method: classic}\n"
 
 
@@ -221,7 +221,7 @@ def test_second_concurrent_run_refused_and_first_unharmed(baseline, tmp_path, ca
 
 def test_stage_list_checked():
     check_stages(STAGES)
-    with pytest.raises(ValueError, match="stage 'qc' is listed twice"):
+    with pytest.raises(ValueError, match=f"stage '{STAGES[-1].name}' is listed twice"):
         check_stages((*STAGES, STAGES[-1]))
     with pytest.raises(ValueError, match=r"stage 'cells' needs \['segment'\], which do not come before it"):
         check_stages(STAGES[1:])

@@ -12,6 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .metrics import MetricsConfig
 from .regions import RegionsConfig
 from .tls import TLSConfig
 
@@ -208,6 +209,7 @@ class Config(_Strict):
     compensation: CompensationConfig | None = None
     tls: TLSConfig = TLSConfig()
     regions: RegionsConfig = RegionsConfig()
+    metrics: MetricsConfig = MetricsConfig()
     run: RunConfig = RunConfig()
 
     @field_validator("timepoints")

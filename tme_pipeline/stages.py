@@ -24,6 +24,7 @@ regions    regions, + a low-res     regions.geojson, regions.json,       phenoty
 annotate   -                        cells.h5ad (+ tls_id, region)        tls, regions
 qc         regions.grid_um          gates.png, cd3_cd8.png,              annotate
                                     overview.png, tls/
+metrics    metrics                  metrics.json                         annotate
 =========  =======================  ===================================  ==========
 """
 
@@ -46,14 +47,14 @@ from .panel import PanelMatch
 from .progress import progress
 from .results import (
     CD3_CD8_PNG, CELLS, GATES_PNG, LABELS, MEASURED, OVERVIEW_PNG, PHENOTYPED, REGIONS_GEOJSON, REGIONS_JSON,
-    REGIONS_NPZ, TLS_CLOSEUPS, TLS_GEOJSON, TLS_JSON, TLS_NPZ, SlideResults,
+    METRICS_JSON, REGIONS_NPZ, TLS_CLOSEUPS, TLS_GEOJSON, TLS_JSON, TLS_NPZ, SlideResults,
 )
 from .tiling import TileGrid
 
 __all__ = [
     "Stage", "StageOutput", "SlideInputs", "STAGES", "check_stages", "lowres_channel", "lowres_image", "segmentation_function",
     "segment_stage", "cells_stage", "measure_stage", "phenotype_stage", "tls_stage", "regions_stage",
-    "annotate_stage", "qc_stage", "CELL_REGIONS",
+    "annotate_stage", "qc_stage", "metrics_stage", "CELL_REGIONS",
 ]
 
 # The largest level used to estimate slide-wide statistics (threshold, normalisation
@@ -556,6 +557,34 @@ def qc_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
     return StageOutput()
 
 
+def metrics_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
+    """Per-slide metrics with units into ``metrics.json`` (:func:`tme_pipeline.metrics.slide_metrics`).
+
+    Reads ``cells.h5ad`` (its ``obs``), ``regions.json``, ``regions.npz`` and ``tls.json``.
+    A slide without a bed, TLS or PD-L1 gate gets nulls with reasons, never an error.
+
+    Returns
+    -------
+    StageOutput
+        ``info['metrics']``: ``immune_class``, ``n_metrics``, ``n_absent`` (metrics that are
+        null); config names that match no phenotype of the slide are warnings.
+    """
+    from .io.results import write_json
+    from .metrics import metrics_json, slide_metrics
+
+    results = SlideResults(inputs.slide_id, folder)
+    cells = results.cells(backed=True)  # obs only: the intensities stay on disk
+    try:
+        result = slide_metrics(cells, results.regions(), results.region_grids(), results.tls()[1],
+                               inputs.config.metrics)
+    finally:
+        cells.file.close()
+    write_json(folder / METRICS_JSON, metrics_json(result, slide_id=inputs.slide_id))
+    info = {"immune_class": result.immune_class, "n_metrics": len(result.metrics), "n_absent": len(result.absent)}
+    return StageOutput(info={"metrics": info},
+                       warnings=tuple(f"slide {inputs.slide_id!r}: {w}" for w in result.warnings))
+
+
 def _slide_colours(inputs: SlideInputs, defaults) -> dict:
     """The overview's marker colours keyed by the slide's channel names, for the markers it has."""
     channels = inputs.panel.channels if inputs.panel else {}
@@ -576,4 +605,5 @@ STAGES: tuple[Stage, ...] = (
     Stage("annotate", annotate_stage, reads=(), writes=(CELLS,), upstream=("tls", "regions")),
     Stage("qc", qc_stage, reads=("regions.grid_um",), writes=(GATES_PNG, CD3_CD8_PNG, OVERVIEW_PNG, TLS_CLOSEUPS),
           upstream=("annotate",)),
+    Stage("metrics", metrics_stage, reads=("metrics",), writes=(METRICS_JSON,), upstream=("annotate",)),
 )
