@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .config import Config
@@ -13,7 +13,7 @@ from .io.results import partial_dir, write_json
 from .io.slides import open_slide
 from .panel import match_panel
 from .records import FORMAT, carry_files, read_records, stage_keys, stage_record, stale_stages
-from .results import STAGES_JSON
+from .results import SLIDES_DIR, STAGES_JSON, corrections_file
 from .stages import STAGES, SlideInputs, Stage, check_stages, slide_info
 from .tiling import tile_grid
 
@@ -161,6 +161,12 @@ def run_slide(
     slide_id = slide_id or out_dir.name
     start = time.perf_counter()
     inputs = slide_inputs(slide_path, config=config, slide_id=slide_id, pixel_um=pixel_um)
+    corrections = ()
+    if out_dir.parent.name == SLIDES_DIR:  # OUT/slides/<id>: the review corrections live in OUT/corrections/<id>
+        from .corrections import load_corrections
+
+        corrections = load_corrections(corrections_file(out_dir.parent.parent, slide_id), slide_id=slide_id)
+        inputs = replace(inputs, corrections=corrections)
     first = stages[0].name if force and stages else force_from
     ran, reused, records = run_stages(inputs, out_dir, stages=stages, force_from=first)
     n_nuclei = records.get("segment", {}).get("info", {}).get("n_nuclei")
@@ -168,6 +174,10 @@ def run_slide(
     # A reused stage's summary (the gates and flags of phenotyping) is carried forward.
     for record in records.values():
         info.update({k: v for k, v in record.get("info", {}).items() if k not in ("n_nuclei", "n_cells")})
+    if corrections:
+        from .corrections import corrections_summary
+
+        info["corrections"] = corrections_summary(corrections)
     seconds = round(time.perf_counter() - start, 3)
     if ran:
         log.info("%s: ran %s, reused %s in %.1f s", slide_id, ", ".join(ran), ", ".join(reused) or "nothing", seconds)

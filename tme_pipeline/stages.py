@@ -46,7 +46,7 @@ from .io.slides import Slide
 from .panel import PanelMatch
 from .progress import progress
 from .results import (
-    CD3_CD8_PNG, CELLS, GATES_PNG, LABELS, MEASURED, OVERVIEW_PNG, PHENOTYPED, REGIONS_GEOJSON, REGIONS_JSON,
+    CD3_CD8_PNG, CELLS, GATES_PNG, LABELS, MEASURED, ORIGINAL_DIR, OVERVIEW_PNG, PHENOTYPED, REGIONS_GEOJSON, REGIONS_JSON,
     METRICS_JSON, REGIONS_NPZ, TLS_CLOSEUPS, TLS_GEOJSON, TLS_JSON, TLS_NPZ, SlideResults,
 )
 from .tiling import TileGrid
@@ -78,6 +78,9 @@ class SlideInputs:
         The tile grid of every tiled stage (level-0 px).
     panel : PanelMatch or None
         Markers -> channel indices; ``None`` for a nuclei-only run (``tme segment``).
+    corrections : tuple of tme_pipeline.corrections.Correction
+        The slide's review corrections, in order; ``phenotype``, ``tls`` and ``regions``
+        apply theirs and keep the uncorrected files under ``original/``.
     """
 
     slide: Slide
@@ -86,6 +89,7 @@ class SlideInputs:
     nuclear_channel: int
     grid: TileGrid
     panel: PanelMatch | None = None
+    corrections: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -385,18 +389,33 @@ def phenotype_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
         ``info['phenotyping']``: gates, flags, counts (:meth:`PhenotypeResult.to_json`);
         the flags are also the warnings.
     """
+    from .corrections import apply_gates, apply_reassignments, for_stage
     from .phenotype import phenotype_cells
 
     config, panel = inputs.config, _panel(inputs, "phenotype")
-    cells = SlideResults(inputs.slide_id, folder).measured()
-    typed = phenotype_cells(
-        cells, gating=config.gating, phenotypes=config.phenotypes, compensation=config.compensation,
-        slide_id=inputs.slide_id, skip_markers=panel.missing_optional,
-        segmentation_markers=(config.segmentation.channel,),
-    )
-    cells.uns["slide"] = slide_info(inputs, int(cells.n_obs))
+    measured = SlideResults(inputs.slide_id, folder).measured()
+    fixes = for_stage(inputs.corrections, "phenotype")
+
+    def typed_cells(gating):
+        cells = measured.copy() if fixes else measured
+        typed = phenotype_cells(
+            cells, gating=gating, phenotypes=config.phenotypes, compensation=config.compensation,
+            slide_id=inputs.slide_id, skip_markers=panel.missing_optional,
+            segmentation_markers=(config.segmentation.channel,),
+        )
+        cells.uns["slide"] = slide_info(inputs, int(cells.n_obs))
+        return cells, typed
+
+    cells, typed = typed_cells(config.gating)
+    info, warnings = {}, []
+    if fixes:
+        (folder / ORIGINAL_DIR).mkdir(exist_ok=True)
+        cells.write_h5ad(folder / ORIGINAL_DIR / PHENOTYPED)
+        cells, typed = typed_cells(apply_gates(config.gating, fixes, slide_id=inputs.slide_id))
+        info["reassigned"], warnings = apply_reassignments(cells, fixes)
+        cells.uns["corrections"] = [c.id for c in fixes]
     cells.write_h5ad(folder / PHENOTYPED)
-    return StageOutput(info={"phenotyping": typed.to_json()}, warnings=tuple(typed.flags))
+    return StageOutput(info={"phenotyping": {**typed.to_json(), **info}}, warnings=(*typed.flags, *warnings))
 
 
 def tls_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
@@ -414,21 +433,35 @@ def tls_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
     from .io.results import write_json
     from .tls import find_tls, tls_geojson
 
+    from .corrections import apply_tls_corrections, for_stage
+
     cells = SlideResults(inputs.slide_id, folder).phenotyped()
     result = find_tls(cells, inputs.config.tls)
-    write_geojson(folder / TLS_GEOJSON, tls_geojson(result, pixel_um=inputs.slide.pixel_um, slide_id=inputs.slide_id))
-    summary = result.to_json()
-    write_json(folder / TLS_JSON, summary)
-    np.savez_compressed(folder / TLS_NPZ, cell_id=cells.obs["cell_id"].to_numpy(np.int64),
-                        tls_id=np.asarray(result.cell_tls_id, np.int32))
+    fixes, fixed = for_stage(inputs.corrections, "tls"), []
+
+    def write(target: Path) -> dict:
+        target.mkdir(exist_ok=True)
+        write_geojson(target / TLS_GEOJSON, tls_geojson(result, pixel_um=inputs.slide.pixel_um,
+                                                        slide_id=inputs.slide_id))
+        write_json(target / TLS_JSON, result.to_json())
+        np.savez_compressed(target / TLS_NPZ, cell_id=cells.obs["cell_id"].to_numpy(np.int64),
+                            tls_id=np.asarray(result.cell_tls_id, np.int32))
+        return result.to_json()
+
+    if fixes:
+        write(folder / ORIGINAL_DIR)
+        result, fixed = apply_tls_corrections(result, fixes, cells, config=inputs.config.tls)
+    summary = write(folder)
     counts = result.table["maturity"].astype(str).value_counts().to_dict() if len(result.table) else {}
     info = {"count": int(len(result.table)),
             **{f"{m}_count": int(counts.get(m, 0)) for m in dict.fromkeys([*TLS_MATURITIES, *counts])}}
-    warnings = ()
+    warnings = tuple(fixed)
+    if fixes:
+        info["corrections"] = summary["corrections"]
     if not len(result.table):
         reason = summary.get("reason") or f"{len(result.rejected)} candidate(s) rejected"
         info["reason"] = reason
-        warnings = (f"slide {inputs.slide_id!r}: no TLS ({reason})",)
+        warnings += (f"slide {inputs.slide_id!r}: no TLS ({reason})",)
     return StageOutput(info={"tls": info}, warnings=warnings)
 
 
@@ -445,6 +478,7 @@ def regions_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
         ``info['regions']``: areas (mm²), percents and absent regions; each absent region is
         a warning.
     """
+    from .corrections import apply_bed_edit, for_stage
     from .geojson import write_geojson
     from .io.results import write_json
     from .regions import find_regions, regions_geojson
@@ -460,17 +494,27 @@ def regions_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
         nuclear_channel=slide.channel_names[inputs.nuclear_channel], size_um=(width_mm * 1000.0, height_mm * 1000.0),
         tls_polygons_um=[geom for geom, _ in tls_features], config=config.regions,
     )
-    write_geojson(folder / REGIONS_GEOJSON, regions_geojson(regions, pixel_um=slide.pixel_um, slide_id=inputs.slide_id))
-    summary = regions.to_json()
-    write_json(folder / REGIONS_JSON, summary)
-    names = sorted(regions.masks)
-    np.savez_compressed(
-        folder / REGIONS_NPZ, grid_um=np.float64(regions.grid_um), mask_names=np.array(names),
-        **{f"mask_{n}": np.asarray(regions.masks[n], bool) for n in names},
-        cell_id=cells.obs["cell_id"].to_numpy(np.int64), region=np.asarray(regions.cell_region, dtype="U16"),
-        in_tumor=np.asarray(regions.in_tumor, bool),
-        border_distance_um=np.asarray(regions.border_distance_um, np.float32),
-    )
+
+    def write(target: Path) -> None:
+        target.mkdir(exist_ok=True)
+        write_geojson(target / REGIONS_GEOJSON, regions_geojson(regions, pixel_um=slide.pixel_um,
+                                                                slide_id=inputs.slide_id))
+        write_json(target / REGIONS_JSON, regions.to_json())
+        names = sorted(regions.masks)
+        np.savez_compressed(
+            target / REGIONS_NPZ, grid_um=np.float64(regions.grid_um), mask_names=np.array(names),
+            **{f"mask_{n}": np.asarray(regions.masks[n], bool) for n in names},
+            cell_id=cells.obs["cell_id"].to_numpy(np.int64), region=np.asarray(regions.cell_region, dtype="U16"),
+            in_tumor=np.asarray(regions.in_tumor, bool),
+            border_distance_um=np.asarray(regions.border_distance_um, np.float32),
+        )
+
+    fixes = for_stage(inputs.corrections, "regions")
+    if fixes:
+        write(folder / ORIGINAL_DIR)
+        regions = apply_bed_edit(regions, fixes, cells.obs, tls_polygons_um=[geom for geom, _ in tls_features],
+                                 config=config.regions)
+    write(folder)
     info = {"areas_mm2": {k: round(float(v), 6) for k, v in regions.areas_mm2.items()},
             "percent_necrosis": regions.percent_necrosis, "percent_viable_tumor": regions.percent_viable_tumor,
             "absent": dict(regions.absent)}
@@ -591,17 +635,33 @@ def _slide_colours(inputs: SlideInputs, defaults) -> dict:
     return {inputs.slide.channel_names[channels[m]]: colour for m, colour in defaults.items() if m in channels}
 
 
+def _with_originals(*names: str) -> tuple[str, ...]:
+    """A correctable stage's files and, under ``original/``, their uncorrected versions (written when corrected)."""
+    return (*names, *(f"{ORIGINAL_DIR}/{n}" for n in names))
+
+
+def _corrections_of(stage: str) -> Callable[[SlideInputs], dict]:
+    """The record ``inputs`` of a stage's review corrections (empty without any: keys unchanged)."""
+    def inputs(slide_inputs: SlideInputs) -> dict:
+        from .corrections import correction_inputs
+
+        return correction_inputs(slide_inputs.corrections, stage)
+    return inputs
+
+
 #: The stages of ``tme run``, in order.
 STAGES: tuple[Stage, ...] = (
     Stage("segment", segment_stage, reads=("segmentation",), writes=(LABELS,), inputs=_segment_inputs),
     Stage("cells", cells_stage, reads=("cells.expand_um",), writes=(f"{LABELS}/labels/cells",), upstream=("segment",)),
     Stage("measure", measure_stage, reads=("cells", "panel", "channel_map", "channel_names"), writes=(MEASURED,),
           upstream=("cells",), inputs=lambda inputs: {"markers": dict(_panel(inputs, "measure").channels)}),
-    Stage("phenotype", phenotype_stage, reads=("gating", "phenotypes", "compensation"), writes=(PHENOTYPED,),
-          upstream=("measure",)),
-    Stage("tls", tls_stage, reads=("tls",), writes=(TLS_GEOJSON, TLS_JSON, TLS_NPZ), upstream=("phenotype",)),
-    Stage("regions", regions_stage, reads=("regions",), writes=(REGIONS_GEOJSON, REGIONS_JSON, REGIONS_NPZ),
-          upstream=("phenotype", "tls")),
+    Stage("phenotype", phenotype_stage, reads=("gating", "phenotypes", "compensation"),
+          writes=_with_originals(PHENOTYPED), upstream=("measure",), inputs=_corrections_of("phenotype")),
+    Stage("tls", tls_stage, reads=("tls",), writes=_with_originals(TLS_GEOJSON, TLS_JSON, TLS_NPZ),
+          upstream=("phenotype",), inputs=_corrections_of("tls")),
+    Stage("regions", regions_stage, reads=("regions",),
+          writes=_with_originals(REGIONS_GEOJSON, REGIONS_JSON, REGIONS_NPZ), upstream=("phenotype", "tls"),
+          inputs=_corrections_of("regions")),
     Stage("annotate", annotate_stage, reads=(), writes=(CELLS,), upstream=("tls", "regions")),
     Stage("qc", qc_stage, reads=("regions.grid_um",), writes=(GATES_PNG, CD3_CD8_PNG, OVERVIEW_PNG, TLS_CLOSEUPS),
           upstream=("annotate",)),
