@@ -96,8 +96,19 @@ def match_panel(
     if required:
         raise ValueError(
             f"{source}: panel marker(s) {', '.join(map(repr, required))} not found among the "
-            f"slide's channels ({', '.join(map(repr, channel_names))}); add the channel name "
-            "to the marker's aliases or to channel_map in the config"
+            f"slide's channels ({', '.join(map(repr, channel_names))}){_why_unmatched(channel_names)}; "
+            "add the channel name to the marker's aliases or to channel_map in the config"
         )
     channels = {m: claims[m][0] for m in panel if m in claims}
     return PanelMatch(channels=channels, missing_optional=tuple(missing))
+
+
+def _why_unmatched(channel_names: Sequence[str]) -> str:
+    """What about the slide's channels explains a missing marker, for the error message."""
+    if len(channel_names) == 1:
+        return " (the slide has a single channel: a 2-D image, not a multiplex slide)"
+    unnamed = [name for index, name in enumerate(channel_names) if name == f"C{index}"]
+    if unnamed:
+        return (f" (channel(s) {', '.join(unnamed)} have no name in the slide's metadata and are called by "
+                "position; name them with channel_map, e.g. {C0: DAPI}, or for a plain TIFF with channel_names)")
+    return ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -12,6 +13,8 @@ from pathlib import Path
 import pandas as pd
 
 __all__ = ["Manifest", "ManifestRow", "read_manifest", "slide_id_from_path"]
+
+log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("patient_id", "timepoint", "slide")
 _SLIDE_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr", ".qptiff", ".tiff", ".tif", ".zarr")
@@ -81,7 +84,8 @@ def read_manifest(path: str | Path, *, timepoints: Sequence[str] = ("pre", "post
     Columns ``patient_id,timepoint,slide`` are required; ``slide_id`` and ``pixel_um``
     are understood; every other column is kept. Relative slide paths are relative to
     the manifest's folder. Slide files are not opened here: a missing slide fails on
-    its own during the run, so that one bad slide never stops the batch.
+    its own during the run, so that one bad slide never stops the batch. A patient
+    without a slide at every timepoint is accepted with a logged warning.
 
     Parameters
     ----------
@@ -130,7 +134,25 @@ def read_manifest(path: str | Path, *, timepoints: Sequence[str] = ("pre", "post
             seen[slide_id] = line
     if not rows:
         raise ValueError(f"{path}: manifest has no slides")
+    _warn_unpaired(path, rows, timepoints)
     return Manifest(path=path.resolve(), rows=tuple(rows))
+
+
+def _warn_unpaired(path: Path, rows: Sequence[ManifestRow], timepoints: Sequence[str]) -> None:
+    """Log a warning per patient that lacks a timepoint: its slides run, but it has no pair."""
+    if len(timepoints) < 2:
+        return
+    seen: dict[str, set[str]] = {}
+    for row in rows:
+        seen.setdefault(row.patient_id, set()).add(row.timepoint)
+    for patient, present in seen.items():
+        missing = [t for t in timepoints if t not in present]
+        if missing:
+            log.warning(
+                "%s: patient %r has no %s slide (only %s): its slides are run, but it has no "
+                "before/after pair to compare", path, patient, "/".join(missing),
+                "/".join(t for t in timepoints if t in present),
+            )
 
 
 def _parse_row(path: Path, line: int, record: dict[str, str], timepoints: Sequence[str]) -> ManifestRow:

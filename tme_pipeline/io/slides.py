@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dask.array as da
+import numpy as np
 
 from ._common import RawSlide, SlideError
 from ._tiff import read_tiff
@@ -140,7 +141,10 @@ def _channel_names(path: Path, raw: RawSlide, given: Sequence[str] | None, n_cha
             raise SlideError(path, "channel_names must be a sequence of names, not one string")
         names = tuple(str(n) for n in given)
         if len(names) != n_channels:
-            raise SlideError(path, f"channel_names gives {len(names)} names but the slide has {n_channels} channels")
+            has = f"{n_channels} channels"
+            if n_channels == 1:
+                has = "1 channel (a single 2-D image, not a multichannel slide)"
+            raise SlideError(path, f"channel_names gives {len(names)} names but the slide has {has}")
     elif raw.channel_names is None:
         names = tuple(f"C{i}" for i in range(n_channels))
     else:
@@ -149,10 +153,30 @@ def _channel_names(path: Path, raw: RawSlide, given: Sequence[str] | None, n_cha
             logger.warning("%s: some channels have no name in the metadata; named C<index>", path)
     duplicates = sorted(n for n, k in Counter(names).items() if k > 1)
     if duplicates:
+        positions = {n: [i for i, m in enumerate(names) if m == n] for n in duplicates}
+        where = "in the channel_names given" if given is not None else "in the file's metadata"
+        fix = "; correct them in the file (a plain TIFF takes channel_names from the config)" if given is None else ""
         raise SlideError(
-            path, f"duplicate channel names {duplicates}; give unique names with channel_names (the manifest's panel)"
+            path, f"duplicate channel names {duplicates} at channels {positions} {where}: each marker needs a "
+            f"channel of its own name{fix}",
         )
     return names
+
+
+def _check_dtype(path: Path, dtype: np.dtype) -> None:
+    """Refuse pixel types no fluorescence scanner writes.
+
+    Stages measure in float32 (or float64), which holds every integer of up to 24 bits
+    exactly and those of 32 bits to 7 digits; 64-bit integers, complex and boolean
+    pixels are refused rather than silently cast.
+    """
+    dtype = np.dtype(dtype)
+    if not ((dtype.kind in "ui" and dtype.itemsize <= 4) or (dtype.kind == "f" and dtype.itemsize <= 8)):
+        raise SlideError(
+            path,
+            f"pixel type {dtype.name} is not supported; expected integers of at most 32 bits "
+            "(uint8, uint16, uint32, int8, int16, int32) or floats (float16, float32, float64)",
+        )
 
 
 def _pixel_um(path: Path, raw: RawSlide, given: float | None) -> float:
@@ -208,9 +232,10 @@ def open_slide(
         Where ``path`` does not exist.
     SlideError
         A ``ValueError`` whose message starts with the path: not an image, a
-        truncated file, wrong axes (RGB, Z or T stacks), duplicate names, a
-        ``channel_names`` length that does not match, no pixel size, non-square
-        pixels.
+        truncated file, wrong axes (RGB, Z or T stacks), a pixel type other
+        than integers of at most 32 bits or floats (64-bit integers, complex),
+        duplicate names, a ``channel_names`` length that does not match, no
+        pixel size, non-square pixels.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -223,6 +248,7 @@ def open_slide(
     level0 = raw.levels[0]
     if level0.ndim != 3 or 0 in level0.shape:
         raise SlideError(path, f"level 0 has shape {level0.shape}; expected a non-empty (C, Y, X) image")
+    _check_dtype(path, level0.dtype)
     names = _channel_names(path, raw, channel_names, int(level0.shape[0]))
     um = _pixel_um(path, raw, pixel_um)
     return Slide(path=path, format=raw.format, levels=raw.levels, channel_names=names, pixel_um=um)

@@ -230,12 +230,17 @@ def _read_torch_state(weights: Path) -> dict[str, "torch.Tensor"]:
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{weights}: not a plain state dict of tensors; it holds pickled Python objects, "
-            "which are refused for safety (save net.state_dict() with torch.save)"
-        ) from e
+        # weights_only refuses a pickled object by naming its global; any other refusal is
+        # bytes that are no pickle at all.
+        if "global" in str(e).lower():
+            raise ValueError(
+                f"{weights}: not a plain state dict of tensors; it holds pickled Python objects, "
+                "which are refused for safety (save net.state_dict() with torch.save)"
+            ) from e
+        raise ValueError(f"{weights}: not a readable torch weights file (corrupt, truncated or not weights)") from e
     except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{weights}: not a readable torch weights file ({e})") from e
+        reason = str(e).split(". ")[0]
+        raise ValueError(f"{weights}: not a readable torch weights file, corrupt or truncated ({reason})") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{weights}: expected a dict of tensors (a state dict), got {type(state).__name__}")
     return state
