@@ -18,8 +18,8 @@ from tme_pipeline.results import open_results
 from tme_pipeline.stages import STAGES, Stage, StageOutput, check_stages
 from tme_pipeline.synth import synth_slide
 
-ALL = ["segment", "cells", "measure", "phenotype", "tls", "regions", "annotate", "qc", "metrics"]
-FROM_PHENOTYPE = ("phenotype", "tls", "regions", "annotate", "qc", "metrics")
+ALL = ["segment", "cells", "measure", "phenotype", "tls", "regions", "annotate", "qc", "metrics", "report"]
+FROM_PHENOTYPE = ("phenotype", "tls", "regions", "annotate", "qc", "metrics", "report")
 CLASSIC = "segmentation: {method: classic}\n"
 
 

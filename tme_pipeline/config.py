@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .metrics import MetricsConfig
 from .regions import RegionsConfig
+from .report import ReportConfig
 from .tls import TLSConfig
 
 __all__ = [
@@ -210,6 +211,7 @@ class Config(_Strict):
     tls: TLSConfig = TLSConfig()
     regions: RegionsConfig = RegionsConfig()
     metrics: MetricsConfig = MetricsConfig()
+    report: ReportConfig = ReportConfig()
     run: RunConfig = RunConfig()
 
     @field_validator("timepoints")

@@ -25,6 +25,7 @@ annotate   -                        cells.h5ad (+ tls_id, region)        tls, re
 qc         regions.grid_um          gates.png, cd3_cd8.png,              annotate
                                     overview.png, tls/
 metrics    metrics                  metrics.json                         annotate
+report     report                   report.html                          metrics, qc
 =========  =======================  ===================================  ==========
 """
 
@@ -47,14 +48,14 @@ from .panel import PanelMatch
 from .progress import progress
 from .results import (
     CD3_CD8_PNG, CELLS, GATES_PNG, LABELS, MEASURED, ORIGINAL_DIR, OVERVIEW_PNG, PHENOTYPED, REGIONS_GEOJSON, REGIONS_JSON,
-    METRICS_JSON, REGIONS_NPZ, TLS_CLOSEUPS, TLS_GEOJSON, TLS_JSON, TLS_NPZ, SlideResults,
+    METRICS_JSON, REGIONS_NPZ, REPORT_HTML, TLS_CLOSEUPS, TLS_GEOJSON, TLS_JSON, TLS_NPZ, SlideResults,
 )
 from .tiling import TileGrid
 
 __all__ = [
     "Stage", "StageOutput", "SlideInputs", "STAGES", "check_stages", "lowres_channel", "lowres_image", "segmentation_function",
     "segment_stage", "cells_stage", "measure_stage", "phenotype_stage", "tls_stage", "regions_stage",
-    "annotate_stage", "qc_stage", "metrics_stage", "CELL_REGIONS",
+    "annotate_stage", "qc_stage", "metrics_stage", "report_stage", "CELL_REGIONS",
 ]
 
 # The largest level used to estimate slide-wide statistics (threshold, normalisation
@@ -629,6 +630,23 @@ def metrics_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
                        warnings=tuple(f"slide {inputs.slide_id!r}: {w}" for w in result.warnings))
 
 
+def report_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
+    """The slide's self-contained ``report.html`` (:func:`tme_pipeline.report.write_slide_report`).
+
+    Reads ``metrics.json``, the obs of ``cells.h5ad``, the regions and TLS files and the
+    ``qc`` pictures; reads no pixels (the phenotype map is drawn from the cell centroids).
+
+    Returns
+    -------
+    StageOutput
+        ``info['report']``: the page's size (kB).
+    """
+    from .report import write_slide_report
+
+    path = write_slide_report(folder, slide_id=inputs.slide_id, config=inputs.config.report)
+    return StageOutput(info={"report": {"kb": round(path.stat().st_size / 1024)}})
+
+
 def _slide_colours(inputs: SlideInputs, defaults) -> dict:
     """The overview's marker colours keyed by the slide's channel names, for the markers it has."""
     channels = inputs.panel.channels if inputs.panel else {}
@@ -666,4 +684,5 @@ STAGES: tuple[Stage, ...] = (
     Stage("qc", qc_stage, reads=("regions.grid_um",), writes=(GATES_PNG, CD3_CD8_PNG, OVERVIEW_PNG, TLS_CLOSEUPS),
           upstream=("annotate",)),
     Stage("metrics", metrics_stage, reads=("metrics",), writes=(METRICS_JSON,), upstream=("annotate",)),
+    Stage("report", report_stage, reads=("report",), writes=(REPORT_HTML,), upstream=("metrics", "qc")),
 )
