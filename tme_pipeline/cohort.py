@@ -154,6 +154,9 @@ def _run_locked(manifest: Manifest, out: Path, config: Config, config_path, sche
     # the tables read the run.json just written; then run.json says whether they were
     record["cohort_tables"] = _cohort_tables(out, manifest)
     write_json(out / RUN_JSON, record)
+    # last: the page shows what the steps before it left (tables, analysis) and says what is missing
+    record["cohort_report"] = _cohort_report(out)
+    write_json(out / RUN_JSON, record)
     return result
 
 
@@ -165,6 +168,18 @@ def _cohort_tables(out: Path, manifest: Manifest) -> dict:
         log.error("cohort tables not written: %s", error)
         return {"files": [], "error": f"{type(error).__name__}: {error}"}
     return {"files": [path.name for path in paths.values()], "error": None}
+
+
+def _cohort_report(out: Path) -> dict:
+    """Write ``OUT/report.html`` (:func:`tme_pipeline.report.write_cohort_report`); a failure is recorded."""
+    from .report import write_cohort_report
+
+    try:
+        path = write_cohort_report(out)
+    except Exception as error:  # the results stand without their page
+        log.error("cohort report not written: %s", error)
+        return {"file": None, "error": f"{type(error).__name__}: {error}"}
+    return {"file": path.name, "error": None}
 
 
 def _check_tiles(config: Config, config_path) -> None:
