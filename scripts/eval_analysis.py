@@ -161,10 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="JSON to write")
     args = ap.parse_args(argv)
     from tme_pipeline.analysis import analyze
+    from tme_pipeline.results import LOCK_FILE
 
     if args.results is not None:
         if not args.work.exists():
             subprocess.run(["cp", "-al", str(args.results), str(args.work)], check=True)
+            # A hard-linked lock file is the same inode: its flock would tie the copy to the
+            # original's (and every other copy's) runs.
+            (args.work / LOCK_FILE).unlink(missing_ok=True)
         tme = Path(sys.executable).with_name("tme")
         subprocess.run([str(tme), "run", str(args.cohort / "manifest.csv"), "--out", str(args.work)], check=True)
         mode = "pipeline"

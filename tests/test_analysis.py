@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from tme_pipeline.analysis import analyze, group_tests, paired_tests, transitions
+from tme_pipeline.analysis import _pseudocount, analyze, group_tests, paired_tests, transitions
 from tme_pipeline.analysis_stats import hodges_lehmann, paired_test, rank_biserial, signed_rank_cdf
 from tme_pipeline.cli import main
 
@@ -217,11 +217,44 @@ def test_bad_input_names_what_is_wrong(tmp_path, capsys):
 
 
 def test_pseudocount_read_as_the_cohort_tables_write_it(tmp_path):
-    from tme_pipeline.analysis import _pseudocount
-
     pre, post, metrics, units = planted_cohort(9)
     make_patients(pre, post, metrics, units).write_h5ad(tmp_path / "patients.h5ad")
     patients = ad.read_h5ad(tmp_path / "patients.h5ad")
     assert _pseudocount(patients, "density_CD8_T_tumor", "cells/mm2") == 1.0
     assert _pseudocount(patients, "tls_count", "count") == 0.5
     assert _pseudocount(patients, "pdl1_cps", "score") == 0.1     # a unit it does not list
+
+
+def test_analyze_reads_what_the_cohort_tables_write(tmp_path):
+    """The contract end to end: metrics.json per slide -> write_cohort_tables -> analyze."""
+    from test_cohort_tables import write_results
+
+    from tme_pipeline.cohort_tables import write_cohort_tables
+
+    classes = {"P1": ("desert", "inflamed"), "P2": ("excluded", "inflamed"), "P3": ("inflamed", "inflamed")}
+    slides = [(f"{p}_{t}", p, t, "responder" if i % 2 else "non_responder", "site", "done",
+               classes.get(p, ("desert", "desert"))[k])
+              for i, p in enumerate(["P1", "P2", "P3", "P4", "P5", "P6"]) for k, t in enumerate(["pre", "post"])]
+    slides.append(("P7_pre", "P7", "pre", "responder", "site", "done", "desert"))
+    pre_cd8 = {}
+
+    def plant(slide_id, metrics):
+        # post CD8 density = 3 x pre + 10 in every patient: six of six pairs increase
+        patient, timepoint = slide_id.split("_")
+        if timepoint == "pre":
+            pre_cd8[patient] = metrics["metrics"]["density_CD8_T_tumor"]
+        else:
+            metrics["metrics"]["density_CD8_T_tumor"] = 3 * pre_cd8[patient] + 10
+
+    out, _ = write_results(tmp_path, slides, edit=plant)
+    write_cohort_tables(out)
+    folder = analyze(out, group="response")
+    tests = pd.read_csv(folder / "paired_tests.csv").set_index(["group", "metric"])
+    row = tests.loc[("all", "density_CD8_T_tumor")]
+    assert row.n_pairs == 6 and row.p_value == pytest.approx(2 / 64) and row.unit == "cells/mm2"
+    assert set(tests.index.get_level_values("group")) == {"all", "responder", "non_responder"}
+    summary = json.loads((folder / "analysis.json").read_text())
+    assert summary["patients"]["excluded"] == {"P7": "no post slide in the manifest"}
+    assert summary["cold_to_hot"] == 2 and sum(map(sum, [r.values() for r in summary["transitions"].values()])) == 6
+    patients = ad.read_h5ad(out / "patients.h5ad")
+    assert _pseudocount(patients, "density_CD8_T_tumor", "cells/mm2") == 1.0

@@ -117,7 +117,7 @@ def plot_log2fc_heatmap(log2fc: np.ndarray, path: str | Path, *, patient_ids: li
     rows = [f"{p} ({g})" if groups is not None and g is not None else str(p)
             for p, g in zip(patient_ids, groups if groups is not None else [None] * len(patient_ids))]
     width = min(4.0 + 0.16 * len(metrics), 40.0)
-    fig = Figure(figsize=(width, 2.4 + 0.28 * len(rows)), layout="constrained")
+    fig = Figure(figsize=(width, max(4.0, 2.4 + 0.28 * len(rows))), layout="constrained")
     ax = fig.add_subplot()
     cmap = colormaps["RdBu_r"].with_extremes(bad="#d9d9d9")
     im = ax.imshow(np.ma.masked_invalid(values), aspect="auto", cmap=cmap,
