@@ -11,7 +11,8 @@ import pytest
 from tme_pipeline.config import load_config
 from tme_pipeline.geojson import feature_collection
 from tme_pipeline.metrics import (
-    METRIC_REGIONS, MetricsConfig, infiltration_profile, metrics_json, signed_border_distance_um, slide_metrics,
+    METRIC_REGIONS, MetricsConfig, immune_class, infiltration_profile, metrics_json, signed_border_distance_um,
+    slide_metrics,
 )
 from tme_pipeline.results import METRICS_JSON, SlideResults
 from tme_pipeline.stages import metrics_stage
@@ -157,6 +158,16 @@ def test_immune_class_without_a_core_reads_the_bed_and_without_a_bed_is_null():
     assert result.infiltration_profile.reason == "no tumour bed"
     assert all(np.isnan(d).all() for d in result.infiltration_profile.density.values())
 
+
+
+def test_immune_class_from_densities_alone():
+    assert immune_class(None, 300.0, bed_cd8=50.0)[0] == "excluded"
+    assert "bed CD8 50" in immune_class(None, 300.0, bed_cd8=50.0)[1]
+    cls, why = immune_class(50.0, None, why_no_margin="margin absent: no border")
+    assert cls is None and "margin absent: no border" in why
+    assert immune_class(150.0, None)[0] == "inflamed"  # a hot core needs no margin
+    strict = MetricsConfig(inflamed_core_cd8_per_mm2=200.0, excluded_margin_cd8_per_mm2=500.0)
+    assert immune_class(150.0, 400.0, config=strict)[0] == "desert"
 
 def test_phenotype_names_match_exactly():
     cells = make_cells([100, 110, 120, 130], ["CD8_T", "CD8_T_like", "CD8_T_like", "CD4_T"],

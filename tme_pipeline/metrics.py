@@ -59,7 +59,7 @@ from .regions import REGION_KEYS
 from .tls import MATURITIES
 
 __all__ = ["MetricsConfig", "SlideMetrics", "InfiltrationProfile", "slide_metrics", "metrics_json",
-           "infiltration_profile", "signed_border_distance_um",
+           "infiltration_profile", "signed_border_distance_um", "immune_class",
            "METRIC_REGIONS", "METRICS_FORMAT"]
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class MetricsConfig(BaseModel):
     tumor_phenotypes: tuple[str, ...] = Field(("tumor",), min_length=1,
                                               description="Phenotype names (exact) counted as tumour cells (TPS, CPS).")
     immune_phenotypes: tuple[str, ...] = Field(("CD8_T", "CD4_T", "Treg", "B"),
-                                               description="Phenotype names (exact) counted as immune cells in the CPS.")
+                                               description="Phenotype names (exact) of the CPS's immune cells.")
     min_viable_tumor_cells: int = Field(100, ge=1, description="Fewest viable tumour cells (count) for TPS and CPS.")
     min_nucleus_um2: float = Field(15.0, ge=0, description="Smallest viable tumour nucleus (µm²); less is debris.")
     inflamed_core_cd8_per_mm2: float = Field(100.0, ge=0, description="Inflamed: core CD8 density above (cells/mm²).")
@@ -98,7 +98,7 @@ class MetricsConfig(BaseModel):
                                             description="Groups (phenotype names, t_cells, lymphocytes) profiled.")
     profile_bin_um: float = Field(50.0, gt=0, description="Bin width of the infiltration profile (µm).")
     profile_range_um: float = Field(500.0, gt=0, description="The profile spans -range..+range of the border (µm).")
-    profile_min_area_mm2: float = Field(0.005, ge=0, description="A profile bin with less tissue has no density (mm²).")
+    profile_min_area_mm2: float = Field(0.005, ge=0, description="A profile bin with less tissue: no density (mm²).")
 
     @model_validator(mode="after")
     def _whole_bins(self) -> MetricsConfig:
@@ -349,25 +349,50 @@ def _pdl1(t: _Table, obs: pd.DataFrame, phen: np.ndarray, members: Mapping[str, 
 
 
 def _immune_class(t: _Table, config: MetricsConfig) -> tuple[str | None, str]:
-    """Inflamed / excluded / desert from CD8 density in the core (the bed when the core is absent) and margin."""
     cd8 = config.cd8_phenotype
-    core, margin = t.values.get(f"density_{cd8}_tumor_core"), t.values.get(f"density_{cd8}_margin")
-    bed = t.values.get(f"density_{cd8}_tumor")
-    note, where = "", "core"
+    keys = {r: f"density_{cd8}_{r}" for r in ("tumor_core", "margin", "tumor")}
+    return immune_class(t.values.get(keys["tumor_core"]), t.values.get(keys["margin"]),
+                        bed_cd8=t.values.get(keys["tumor"]), config=config,
+                        why_no_core=t.absent.get(keys["tumor_core"], "no core"),
+                        why_no_margin=t.absent.get(keys["margin"], "no margin"),
+                        why_no_bed=t.absent.get(keys["tumor"], "no tumour bed"))
+
+
+def immune_class(core_cd8: float | None, margin_cd8: float | None, *, bed_cd8: float | None = None,
+                 config: MetricsConfig | None = None, why_no_core: str = "no core", why_no_margin: str = "no margin",
+                 why_no_bed: str = "no tumour bed") -> tuple[str | None, str]:
+    """Inflamed / excluded / desert from CD8 T-cell densities (cells/mm²); the rule of the module notes.
+
+    Parameters
+    ----------
+    core_cd8, margin_cd8, bed_cd8 : float or None
+        CD8 T cells per mm² of the tumour core, the invasive margin and the whole bed; None
+        where the region carries no density. The bed stands in for a missing core.
+    config : MetricsConfig
+        The cut-offs (cells/mm²).
+    why_no_core, why_no_margin, why_no_bed : str
+        Reasons quoted when a density is None.
+
+    Returns
+    -------
+    (class, reason) : (str or None, str)
+    """
+    config = config or MetricsConfig()
+    core, note, where = core_cd8, "", "core"
     if core is None:
-        core_why = t.absent.get(f"density_{cd8}_tumor_core", "no core")
-        if bed is None:
-            return None, f"no CD8 density in the tumour: {t.absent.get(f'density_{cd8}_tumor', core_why)}"
-        core, where, note = bed, "bed", f" (tumour core missing, {core_why}; the whole bed read as the core)"
+        if bed_cd8 is None:
+            return None, f"no CD8 density in the tumour: {why_no_bed}"
+        core, where, note = bed_cd8, "bed", f" (tumour core missing, {why_no_core}; the whole bed read as the core)"
     hot, cold = config.inflamed_core_cd8_per_mm2, config.excluded_margin_cd8_per_mm2
     if core > hot:
         return "inflamed", f"{where} CD8 {core:.0f} /mm² > {hot:g}{note}"
-    if margin is None:
-        why = t.absent.get(f"density_{cd8}_margin", "no margin")
-        return None, f"{where} CD8 {core:.0f} /mm² <= {hot:g} and no margin density ({why}): excluded or desert{note}"
-    if margin > cold:
-        return "excluded", f"{where} CD8 {core:.0f} /mm² <= {hot:g}, margin CD8 {margin:.0f} /mm² > {cold:g}{note}"
-    return "desert", f"{where} CD8 {core:.0f} /mm² <= {hot:g}, margin CD8 {margin:.0f} /mm² <= {cold:g}{note}"
+    if margin_cd8 is None:
+        return None, (f"{where} CD8 {core:.0f} /mm² <= {hot:g} and no margin density ({why_no_margin}): "
+                      f"excluded or desert{note}")
+    low = f"{where} CD8 {core:.0f} /mm² <= {hot:g}, margin CD8 {margin_cd8:.0f} /mm²"
+    if margin_cd8 > cold:
+        return "excluded", f"{low} > {cold:g}{note}"
+    return "desert", f"{low} <= {cold:g}{note}"
 
 
 def signed_border_distance_um(tissue: np.ndarray, bed: np.ndarray, grid_um: float) -> np.ndarray | None:
