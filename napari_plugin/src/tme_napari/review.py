@@ -1,0 +1,433 @@
+"""The review dock widget: step through TLS, correct them, the bed, phenotypes and gates; save; recompute.
+
+A thin layer over :mod:`tme_pipeline.corrections` (what a correction is, how it is stored and
+applied) and :mod:`tme_pipeline.recompute`. The plain functions here turn layer data into
+correction payloads (napari's (y, x) into the record's [x, y], both µm) and gate colours; the
+widget holds the pending corrections until **Save** appends them to
+``OUT/corrections/<slide_id>/corrections.json``, and **Recompute** re-runs the stale stages
+in a worker thread, then reloads the slide's layers.
+"""
+
+from __future__ import annotations
+
+import getpass
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from magicgui.widgets import ComboBox, Container, FileEdit, FloatSlider, Label, LineEdit, PushButton
+
+from .tls_browser import TLS_LAYER, tls_views
+
+if TYPE_CHECKING:
+    import napari
+
+__all__ = ["ReviewWidget", "ring_um", "tls_outline_um", "gate_colors", "gate_histogram", "marker_values"]
+
+POINTS_LAYER = "cells (phenotype)"
+REGIONS_LAYER = "regions"
+DRAW_LAYER = "review: draw TLS"
+BED_LAYER = "review: tumour bed"
+_POSITIVE = (1.0, 0.85, 0.0, 1.0)
+_NEGATIVE = (0.35, 0.35, 0.35, 0.6)
+
+
+def ring_um(polygon_yx: np.ndarray) -> list[list[float]]:
+    """A napari polygon (V, 2) (y, x) µm as the record's ``[[x, y], ...]`` µm (closing vertex dropped)."""
+    ring = np.asarray(polygon_yx, dtype=np.float64)
+    if ring.ndim != 2 or ring.shape[1] != 2 or len(ring) < 3:
+        raise ValueError(f"a polygon needs >= 3 (y, x) vertices, got shape {ring.shape}")
+    if np.allclose(ring[0], ring[-1]):
+        ring = ring[:-1]
+    return ring[:, ::-1].tolist()
+
+
+def tls_outline_um(polygons: Sequence[np.ndarray], features, index: int) -> tuple[int, list[list[float]]]:
+    """The id and outline (largest part, ``[[x, y], ...]`` µm) of TLS number ``index`` of :func:`tls_views`.
+
+    Parameters
+    ----------
+    polygons : sequence of (V, 2) (y, x) µm
+        The TLS shapes layer's data.
+    features : pandas.DataFrame
+        Its features (``tls_id`` per polygon).
+    index : int
+        Position in the TLS list (parts of one TLS are one entry).
+    """
+    ids = features["tls_id"].to_numpy()
+    keys = list(dict.fromkeys(ids.tolist()))
+    if not 0 <= index < len(keys):
+        raise ValueError(f"TLS index {index} out of range: {len(keys)} TLS")
+    rows = np.flatnonzero(ids == keys[index])
+    areas = [_area(polygons[i]) for i in rows]
+    return int(keys[index]), ring_um(polygons[rows[int(np.argmax(areas))]])
+
+
+def _area(ring: np.ndarray) -> float:
+    y, x = np.asarray(ring, dtype=np.float64).T
+    return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+
+
+def gate_colors(values: np.ndarray, gate: float) -> np.ndarray:
+    """Per-cell RGBA (N, 4): cells above ``gate`` (in ``X`` units) bright, the others dim grey."""
+    above = np.asarray(values, dtype=np.float64) > gate
+    return np.where(above[:, None], np.asarray(_POSITIVE), np.asarray(_NEGATIVE))
+
+
+def gate_histogram(values: np.ndarray, *, bins: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Counts and edges of ``arcsinh`` intensities (the gating transform), for the gate slider's plot.
+
+    Returns
+    -------
+    counts : (bins,) int
+    edges : (bins + 1,) float, in ``X`` units (``sinh`` of the transformed edges)
+    """
+    t = np.arcsinh(np.asarray(values, dtype=np.float64))
+    t = t[np.isfinite(t)]
+    counts, edges = np.histogram(t, bins=bins)
+    return counts, np.sinh(edges)
+
+
+def marker_values(folder: str | Path, marker: str) -> np.ndarray:
+    """One marker's column of ``X`` (mean intensity in its compartment) of ``cells.h5ad``, read lazily.
+
+    Returns
+    -------
+    numpy.ndarray, (n_cells,) float64, in the order of ``obs``
+    """
+    from tme_pipeline.results import SlideResults
+
+    folder = Path(folder)
+    cells = SlideResults(folder.name, folder).cells(backed=True)
+    try:
+        if marker not in cells.var_names:
+            raise ValueError(f"{folder}: no marker {marker!r} in cells.h5ad (markers: {list(cells.var_names)})")
+        column = cells[:, marker].X
+        return np.asarray(column.toarray() if hasattr(column, "toarray") else column, dtype=np.float64).ravel()
+    finally:
+        cells.file.close()
+
+
+class ReviewWidget(Container):
+    """Dock widget to review and correct one slide's results.
+
+    Parameters
+    ----------
+    viewer : napari.viewer.Viewer
+        Injected by napari. The slide's folder is the one its layers were read from, or the
+        one chosen here and opened with **Open**.
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__()
+        self._viewer = viewer
+        self.pending: list[tuple[str, dict]] = []
+        self._worker = None
+        self._values: np.ndarray | None = None
+        # napari calls reset_choices on docked widgets whenever layers change: the lists are
+        # callables over what the widget read last, so that a reset keeps them.
+        self._views: list = []
+        self._shown: int | None = None
+        self._phenotypes: list[str] = []
+        self._markers: list[str] = []
+        self.folder_edit = FileEdit(label="result folder", mode="d")
+        self.open_button = PushButton(text="Open")
+        self.reviewer = LineEdit(label="reviewer", value=getpass.getuser())
+        self.tls_choice = ComboBox(label="TLS", choices=lambda _: [(v.label, i) for i, v in enumerate(self._views)])
+        self.next_button = PushButton(text="Next TLS")
+        self.maturity = ComboBox(label="maturity", choices=["aggregate", "primary", "secondary", "unstaged"])
+        self.set_maturity_button = PushButton(text="Set maturity")
+        self.delete_button = PushButton(text="Delete TLS")
+        self.add_button = PushButton(text="Add drawn TLS")
+        self.edit_bed_button = PushButton(text="Edit bed")
+        self.keep_bed_button = PushButton(text="Keep edited bed")
+        self.phenotype = ComboBox(label="phenotype", choices=lambda _: self._phenotypes)
+        self.reassign_button = PushButton(text="Reassign selected cells")
+        self.marker = ComboBox(label="gate marker", choices=lambda _: self._markers)
+        self.gate = FloatSlider(label="gate", min=0.0, max=1.0, value=0.5)
+        self.gate_info = Label(value="")
+        self.keep_gate_button = PushButton(text="Keep gate")
+        self.save_button = PushButton(text="Save")
+        self.recompute_button = PushButton(text="Recompute")
+        self.status = Label(value="")
+        self.extend([self.folder_edit, self.open_button, self.reviewer, self.tls_choice, self.next_button,
+                     self.maturity, self.set_maturity_button, self.delete_button, self.add_button,
+                     self.edit_bed_button, self.keep_bed_button, self.phenotype, self.reassign_button, self.marker,
+                     self.gate, self.gate_info, self.keep_gate_button, self.save_button, self.recompute_button,
+                     self.status])
+        self._histogram_canvas()
+        self.open_button.clicked.connect(lambda: self.open(self.folder_edit.value))
+        self.tls_choice.changed.connect(self._zoom)
+        self.next_button.clicked.connect(self.next_tls)
+        self.set_maturity_button.clicked.connect(lambda: self.set_maturity(self.maturity.value))
+        self.delete_button.clicked.connect(self.delete_tls)
+        self.add_button.clicked.connect(self.add_drawn_tls)
+        self.edit_bed_button.clicked.connect(self.edit_bed)
+        self.keep_bed_button.clicked.connect(self.keep_bed)
+        self.reassign_button.clicked.connect(lambda: self.reassign_selected(self.phenotype.value))
+        self.marker.changed.connect(self._load_marker)
+        self.gate.changed.connect(self._recolour)
+        self.keep_gate_button.clicked.connect(self.keep_gate)
+        self.save_button.clicked.connect(self.save)
+        self.recompute_button.clicked.connect(self.recompute)
+        viewer.layers.events.inserted.connect(self.refresh)
+        self.refresh()
+
+    # --- where the slide is ------------------------------------------------------------------------
+
+    @property
+    def folder(self) -> Path | None:
+        """The slide's result folder ``OUT/slides/<slide_id>``, from the layers' source or the chooser."""
+        for layer in self._viewer.layers:
+            path = getattr(layer.source, "path", None)
+            if path and (Path(path) / "cells.h5ad").is_file():
+                return Path(path)
+        value = Path(self.folder_edit.value)
+        return value if (value / "cells.h5ad").is_file() else None
+
+    def _require_folder(self) -> Path:
+        folder = self.folder
+        if folder is None:
+            raise ValueError("no slide result folder open: choose OUT/slides/<slide_id> and press Open")
+        return folder
+
+    def open(self, folder: str | Path) -> None:
+        """Show a result folder's layers (replacing those of the same names)."""
+        from .layers import result_folder_layers
+
+        folder = Path(folder)
+        self.folder_edit.value = folder
+        layers = result_folder_layers(folder)
+        for _, kwargs, _ in layers:
+            if kwargs["name"] in self._viewer.layers:
+                self._viewer.layers.remove(kwargs["name"])
+        for data, kwargs, kind in layers:
+            getattr(self._viewer, f"add_{kind}")(data, **kwargs)
+        self.refresh()
+
+    def refresh(self, *_) -> None:
+        """Re-read the TLS list, phenotypes and markers from the layers and the folder."""
+        layer = self._layer(TLS_LAYER)
+        self._views = [] if layer is None else tls_views(layer.data, layer.features)
+        self._shown = None
+        points = self._layer(POINTS_LAYER)
+        if points is not None and "phenotype" in points.features:
+            self._phenotypes = [str(c) for c in points.features["phenotype"].cat.categories]
+        folder = self.folder
+        if folder is not None and not self._markers:
+            from tme_pipeline.results import SlideResults
+
+            cells = SlideResults(folder.name, folder).cells(backed=True)
+            self._markers = [str(v) for v in cells.var_names]
+            cells.file.close()
+        # Filling the TLS list selects its first entry; that must not move the camera.
+        for widget in (self.tls_choice, self.phenotype, self.marker):
+            with widget.changed.blocked():
+                widget.reset_choices()
+        self._say(f"{len(self._views)} TLS; {len(self.pending)} correction(s) not saved")
+
+    def _layer(self, name: str):
+        return self._viewer.layers[name] if name in self._viewer.layers else None
+
+    def _say(self, text: str) -> None:
+        self.status.value = text
+
+    # --- TLS ----------------------------------------------------------------------------------------
+
+    @property
+    def views(self) -> list:
+        return list(self._views)
+
+    def show_tls(self, index: int) -> None:
+        """Centre and zoom on TLS number ``index`` of the list."""
+        if not 0 <= index < len(self._views):
+            raise ValueError(f"TLS index {index} out of range: {len(self._views)} TLS listed")
+        view = self._views[index]
+        canvas = getattr(self._viewer, "_canvas_size", None) or (600, 800)
+        self._viewer.camera.center = view.center_yx_um
+        self._viewer.camera.zoom = view.zoom(canvas)
+        self._shown = index
+        with self.tls_choice.changed.blocked():
+            self.tls_choice.value = index
+
+    def next_tls(self, *_) -> None:
+        if self._views:
+            self.show_tls(0 if self._shown is None else (self._shown + 1) % len(self._views))
+
+    def _zoom(self, index) -> None:
+        if index is not None:
+            self.show_tls(index)
+
+    def _current_tls(self) -> tuple[int, list]:
+        layer, index = self._layer(TLS_LAYER), self.tls_choice.value
+        if layer is None or index is None:
+            raise ValueError("no TLS chosen")
+        return tls_outline_um(layer.data, layer.features, index)
+
+    def set_maturity(self, maturity: str) -> None:
+        """Queue a maturity change of the chosen TLS."""
+        tls_id, outline = self._current_tls()
+        self._queue("tls_maturity", {"tls_id": tls_id, "polygon_um": outline, "maturity": maturity})
+
+    def delete_tls(self, *_) -> None:
+        """Queue the deletion of the chosen TLS."""
+        tls_id, outline = self._current_tls()
+        self._queue("tls_delete", {"tls_id": tls_id, "polygon_um": outline})
+
+    def add_drawn_tls(self, *_) -> None:
+        """Queue every polygon of the draw layer as a missed TLS of the chosen maturity, then clear the layer."""
+        layer = self._layer(DRAW_LAYER)
+        if layer is None or not len(layer.data):
+            self._viewer.add_shapes(name=DRAW_LAYER, units="micrometer", edge_color="cyan", face_color="transparent",
+                                    edge_width=4.0)
+            self._viewer.layers[DRAW_LAYER].mode = "add_polygon"
+            self._say(f"draw the TLS outline in '{DRAW_LAYER}', then press 'Add drawn TLS' again")
+            return
+        for polygon in layer.data:
+            self._queue("tls_add", {"polygon_um": ring_um(polygon), "maturity": self.maturity.value})
+        layer.data = []
+
+    # --- tumour bed -------------------------------------------------------------------------------
+
+    def edit_bed(self, *_) -> None:
+        """Copy the bed's outlines into an editable shapes layer (holes are not kept; TLS are carved again)."""
+        regions = self._layer(REGIONS_LAYER)
+        bed = []
+        if regions is not None:
+            names = regions.features["name"].astype(str).to_numpy()
+            types = list(regions.shape_type)
+            bed = [regions.data[i] for i in range(len(names)) if names[i] == "tumor" and types[i] == "polygon"]
+        if BED_LAYER in self._viewer.layers:
+            self._viewer.layers.remove(BED_LAYER)
+        self._viewer.add_shapes(bed, shape_type="polygon", name=BED_LAYER, units="micrometer", edge_color="red",
+                                face_color=[1, 0, 0, 0.15], edge_width=6.0)
+        self._viewer.layers[BED_LAYER].mode = "direct"
+
+    def keep_bed(self, *_) -> None:
+        """Queue the edited bed (every polygon of the bed layer) as the slide's tumour bed."""
+        layer = self._layer(BED_LAYER)
+        if layer is None:
+            raise ValueError("press 'Edit bed' first")
+        self._queue("bed_edit", {"polygons_um": [ring_um(p) for p in layer.data]})
+
+    # --- phenotypes and gates ------------------------------------------------------------------------
+
+    def reassign_selected(self, phenotype: str) -> None:
+        """Queue the selected points' new phenotype."""
+        points = self._layer(POINTS_LAYER)
+        selected = sorted(points.selected_data) if points is not None else []
+        if not selected:
+            raise ValueError(f"select cells in '{POINTS_LAYER}' first")
+        ids = points.features["cell_id"].to_numpy()[selected]
+        self._queue("phenotype_reassign", {"cell_ids": [int(i) for i in ids], "phenotype": str(phenotype)})
+        colors = np.asarray(points.face_color).copy()
+        legend = points.metadata.get("phenotype_colors", {})
+        if phenotype in legend:
+            colors[selected] = legend[phenotype]
+            points.face_color = colors
+
+    def _load_marker(self, marker) -> None:
+        folder = self.folder
+        if not marker or folder is None:
+            return
+        self._values = marker_values(folder, marker)
+        gates = _stored_gates(folder)
+        hi = float(np.nanpercentile(self._values, 99.9)) or 1.0
+        self.gate.max = hi
+        self.gate.value = min(float(gates.get(marker, hi / 2)), hi)
+        counts, edges = gate_histogram(self._values)
+        axes = self._figure.axes[0]
+        axes.clear()
+        # arcsinh axis, as the gating sees the intensities; ticks stay in X units
+        axes.stairs(counts, np.arcsinh(edges), fill=True, color="0.6")
+        axes.set_yscale("symlog")
+        axes.set_xlabel(f"{marker} (arcsinh of X)", fontsize=7)
+        axes.tick_params(labelsize=6)
+        self._gate_line = axes.axvline(np.arcsinh(self.gate.value), color="gold", lw=1.5)
+        self._recolour(self.gate.value)
+
+    def _histogram_canvas(self) -> None:
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self._figure = Figure(figsize=(3.0, 1.4), dpi=100, layout="constrained")
+        self._figure.add_subplot()
+        self._canvas = FigureCanvasQTAgg(self._figure)
+        self._gate_line = None
+        layout = self.native.layout()
+        layout.insertWidget(self.index(self.gate_info) + 1, self._canvas)
+
+    def _recolour(self, gate) -> None:
+        if self._gate_line is not None:
+            self._gate_line.set_xdata([np.arcsinh(float(gate))] * 2)
+            self._canvas.draw_idle()
+        points = self._layer(POINTS_LAYER)
+        if points is None or self._values is None or len(self._values) != len(points.data):
+            return
+        points.face_color = gate_colors(self._values, float(gate))
+        n = int((self._values > float(gate)).sum())
+        self.gate_info.value = f"{self.marker.value}+ : {n} of {len(self._values)} cells ({100 * n / len(self._values):.1f} %)"
+
+    def keep_gate(self, *_) -> None:
+        """Queue the slider's gate for the chosen marker."""
+        if not self.marker.value:
+            raise ValueError("choose a marker first")
+        self._queue("gate", {"marker": self.marker.value, "gate": float(self.gate.value)})
+
+    # --- save and recompute -------------------------------------------------------------------------
+
+    def _queue(self, kind: str, payload: dict) -> None:
+        self.pending.append((kind, payload))
+        self._say(f"{kind} queued; {len(self.pending)} correction(s) not saved")
+
+    def save(self, *_) -> list:
+        """Append the queued corrections to the slide's ``corrections.json``; returns the saved entries."""
+        from tme_pipeline.corrections import append_corrections
+        from tme_pipeline.results import corrections_file
+
+        folder = self._require_folder()
+        if not self.pending:
+            self._say("nothing to save")
+            return []
+        saved = append_corrections(corrections_file(folder.parent.parent, folder.name), folder.name, self.pending,
+                                   who=self.reviewer.value or None)
+        self.pending = []
+        self._say(f"saved {', '.join(c.id for c in saved)}; press Recompute to update the results")
+        return list(saved)
+
+    def recompute(self, *_):
+        """Re-run the stale stages of this slide in a worker thread, then reload its layers; returns the worker."""
+        from napari.qt.threading import create_worker
+        from tme_pipeline.recompute import recompute
+
+        folder = self._require_folder()
+        if self.pending:
+            self.save()
+        self.recompute_button.enabled = False
+        self._say("recomputing ...")
+        worker = create_worker(recompute, folder.parent.parent, slide_id=folder.name)
+        worker.returned.connect(lambda result: self._recomputed(folder, result))
+        worker.errored.connect(lambda error: self._say(f"recompute failed: {error}"))
+        worker.finished.connect(lambda: setattr(self.recompute_button, "enabled", True))
+        self._worker = worker
+        worker.start()
+        return worker
+
+    def _recomputed(self, folder: Path, result) -> None:
+        slide = result.slides[0]
+        self.open(folder)
+        self._say(f"recomputed: ran {', '.join(slide.ran) or 'nothing'}" if slide.status != "error"
+                  else f"recompute failed: {slide.error}")
+
+
+def _stored_gates(folder: Path) -> dict[str, float]:
+    """Marker -> gate (``X`` units) of ``cells.h5ad``'s ``uns['gates']``."""
+    from tme_pipeline.results import SlideResults
+
+    cells = SlideResults(folder.name, folder).cells(backed=True)
+    try:
+        gates = cells.uns.get("gates", {})
+        return {str(m): float(g["gate"]) for m, g in gates.items() if "gate" in g}
+    finally:
+        cells.file.close()

@@ -1,0 +1,120 @@
+"""The review widget: its plain functions without a viewer, then a scripted review in napari
+(``make_napari_viewer``, under ``xvfb-run -a``) on the hand-made result folder of the reader tests.
+The recompute itself is tested end to end in ``test_corrections.py``; here its worker is checked
+to run off the GUI thread and to reload the layers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_napari_reader import N_CELLS, result_folder  # noqa: F401  (the fixture)
+
+from tme_napari.review import ReviewWidget, gate_colors, gate_histogram, ring_um, tls_outline_um
+from tme_pipeline.results import corrections_file
+
+
+def test_ring_um_swaps_to_x_y_and_drops_the_closing_vertex():
+    yx = np.array([[1.0, 10.0], [1.0, 20.0], [5.0, 20.0], [1.0, 10.0]])
+    assert ring_um(yx) == [[10.0, 1.0], [20.0, 1.0], [20.0, 5.0]]
+    with pytest.raises(ValueError, match=">= 3"):
+        ring_um(yx[:2])
+
+
+def test_tls_outline_takes_the_largest_part_of_the_chosen_tls():
+    small = np.array([[0.0, 0], [0, 5], [5, 5], [5, 0]])
+    large = np.array([[0.0, 10], [0, 40], [30, 40], [30, 10]])
+    other = np.array([[50.0, 50], [50, 60], [60, 60]])
+    features = pd.DataFrame({"tls_id": [4, 4, 7]})
+    assert tls_outline_um([small, large, other], features, 0) == (4, ring_um(large))
+    assert tls_outline_um([small, large, other], features, 1)[0] == 7
+    with pytest.raises(ValueError, match="out of range"):
+        tls_outline_um([small, large, other], features, 2)
+
+
+def test_gate_colours_and_histogram():
+    values = np.array([0.5, 2.0, 10.0, 100.0])
+    colors = gate_colors(values, 5.0)
+    assert colors.shape == (4, 4)
+    assert (colors[2:] == colors[2]).all() and not np.array_equal(colors[0], colors[2])
+    counts, edges = gate_histogram(values, bins=8)
+    assert counts.sum() == 4 and len(edges) == 9
+    assert edges[0] == pytest.approx(0.5) and edges[-1] == pytest.approx(100.0)  # in X units
+
+
+def test_scripted_review_in_napari_saves_every_kind(make_napari_viewer, result_folder):  # noqa: F811
+    folder, obs = result_folder
+    viewer = make_napari_viewer()
+    viewer.open(str(folder), plugin="tme-napari")
+    _, widget = viewer.window.add_plugin_dock_widget("tme-napari", "Review and correct")
+    assert isinstance(widget, ReviewWidget) and widget.folder == folder
+    assert len(widget.views) == 2 and widget.phenotype.choices == ("CD8_T", "tumor", "other")
+
+    widget.next_tls()
+    widget.delete_tls()
+    widget.show_tls(1)
+    np.testing.assert_allclose(viewer.camera.center[-2:], [90.0, 85.0])
+    widget.maturity.value = "secondary"
+    widget.set_maturity("secondary")
+    widget.add_drawn_tls()  # first press: a layer to draw in
+    viewer.layers["review: draw TLS"].add_polygons([np.array([[100.0, 100], [100, 120], [120, 120], [120, 100]])])
+    widget.add_drawn_tls()
+    points = viewer.layers["cells (phenotype)"]
+    points.selected_data = {0, 3, 5}
+    widget.reassign_selected("tumor")
+    widget.edit_bed()
+    viewer.layers["review: tumour bed"].add_polygons([np.array([[0.0, 0], [0, 50], [50, 50], [50, 0]])])
+    widget.keep_bed()
+
+    marker = widget.marker.choices[1]
+    widget.marker.value = marker
+    values = np.asarray(widget._values)
+    widget.gate.value = float(np.median(values))
+    positive = gate_colors(values, widget.gate.value)
+    np.testing.assert_allclose(points.face_color, positive)
+    assert f"{int((values > widget.gate.value).sum())} of {N_CELLS}" in widget.gate_info.value
+    widget.keep_gate()
+
+    widget.reviewer.value = "dr_who"
+    saved = widget.save()
+    stored = json.loads(corrections_file(folder.parents[1], folder.name).read_text())
+    kinds = [c["kind"] for c in stored["corrections"]]
+    assert kinds == ["tls_delete", "tls_maturity", "tls_add", "phenotype_reassign", "bed_edit", "gate"]
+    assert [c.id for c in saved] == [c["id"] for c in stored["corrections"]] and widget.pending == []
+    first = stored["corrections"][0]["payload"]
+    assert first["tls_id"] == 1 and min(x for x, _ in first["polygon_um"]) == pytest.approx(10.0)
+    assert stored["corrections"][1]["payload"] == {**stored["corrections"][1]["payload"], "tls_id": 2,
+                                                   "maturity": "secondary"}
+    assert stored["corrections"][2]["payload"]["polygon_um"][0] == [100.0, 100.0]
+    assert stored["corrections"][3]["payload"] == {"cell_ids": [int(obs["cell_id"].iloc[i]) for i in (0, 3, 5)],
+                                                   "phenotype": "tumor"}
+    assert {c["who"] for c in stored["corrections"]} == {"dr_who"}
+    assert widget.save() == [], "nothing pending: nothing appended"
+
+
+def test_recompute_runs_in_a_worker_and_reloads(make_napari_viewer, result_folder, qtbot, monkeypatch):  # noqa: F811
+    import threading
+
+    import tme_pipeline.recompute as rc
+    from tme_pipeline.pipeline import SlideResult
+
+    folder, _ = result_folder
+    calls = []
+
+    def fake(out, *, slide_id=None):
+        calls.append((out, slide_id, threading.current_thread() is threading.main_thread()))
+        return rc.RecomputeResult(out, (SlideResult(slide_id, "done", folder, ran=("tls", "regions")),), {})
+
+    monkeypatch.setattr(rc, "recompute", fake)
+    viewer = make_napari_viewer()
+    widget = ReviewWidget(viewer)
+    widget.open(folder)
+    n_layers = len(viewer.layers)
+    worker = widget.recompute()
+    qtbot.waitUntil(lambda: widget.status.value.startswith("recomputed"), timeout=20000)
+    assert calls == [(folder.parents[1], folder.name, False)], "run off the GUI thread, on this slide"
+    assert widget.status.value == "recomputed: ran tls, regions" and len(viewer.layers) == n_layers
+    assert worker is not None and widget.recompute_button.enabled
