@@ -90,6 +90,8 @@ def test_hodges_lehmann_interval_by_hand():
     assert t.statistic == 26 and t.p_value == pytest.approx(6 / 128)
     assert t.rank_biserial == pytest.approx(24 / 28) == rank_biserial(d)
     assert (t.hl_estimate, t.ci_low, t.ci_high) == (4.75, 0.5, 10.5)
+    # alpha 0.25: P(W+ <= 6) = 14/128 <= 0.125 < P(W+ <= 7) = 19/128, so c = 7: [W_(7), W_(22)].
+    assert hodges_lehmann(d, alpha=0.25) == (4.75, 2.0, 8.0, 1 - 28 / 128)
     # n = 4: 95 % is unattainable; the widest interval [min, max] and its level 1 - 2/16.
     assert hodges_lehmann(np.array([1.0, 2.0, 4.0, 8.0])) == (3.5, 1.0, 8.0, 0.875)
 
