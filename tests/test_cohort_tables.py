@@ -10,9 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import h5py
 import numpy as np
+import pandas as pd
+import pytest
 
-from tme_pipeline.results import METRICS_JSON, RUN_JSON, STAGES_JSON, slide_folder
+from tme_pipeline.cohort_tables import LOG2_PSEUDOCOUNT, METRICS_COLUMNS, write_cohort_tables
+from tme_pipeline.results import METRICS_JSON, RUN_JSON, STAGES_JSON, open_results, slide_folder
 
 UNITS = {
     "area_tissue_mm2": "mm2",
@@ -94,13 +98,6 @@ def write_results(root: Path, slides=SLIDES, *, edit=None) -> tuple[Path, dict[s
 
 
 # --- the tables ---------------------------------------------------------------------------------
-
-import h5py  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
-
-from tme_pipeline.cohort_tables import LOG2_PSEUDOCOUNT, METRICS_COLUMNS, write_cohort_tables  # noqa: E402
-from tme_pipeline.results import open_results  # noqa: E402
 
 
 @pytest.fixture()
@@ -316,3 +313,27 @@ def test_run_cohort_records_the_tables_failure_and_keeps_run_json(tiny_cohort, t
     assert run["cohort_tables"]["files"] == []
     assert "patient 'A' at 'pre': one, two" in run["cohort_tables"]["error"]
     assert not (tmp_path / "out" / "cohort.h5ad").exists()
+
+
+def test_an_interrupted_run_lists_the_slides_it_did_not_reach(tmp_path):
+    out, _ = write_results(tmp_path)
+    run = json.loads((out / RUN_JSON).read_text())
+    run["status"], run["slides"] = "running", run["slides"][:3]
+    (out / RUN_JSON).write_text(json.dumps(run))
+    write_cohort_tables(out)
+    cohort = open_results(out).cohort()
+    assert list(cohort.obs_names) == [s[0] for s in SLIDES] and cohort.uns["run_status"] == "running"
+    late = cohort.obs.iloc[3:]
+    assert (late["status"] == "error").all() and late["error"].str.contains("did not reach").all()
+    assert np.isnan(cohort[late.index].X).all()
+
+
+def test_without_the_manifest_file_the_tables_keep_run_json_columns(tmp_path, caplog):
+    out, _ = write_results(tmp_path)
+    (tmp_path / "manifest.csv").unlink()
+    write_cohort_tables(out)
+    assert "without the manifest's own columns" in caplog.text
+    cohort = open_results(out).cohort()
+    assert list(cohort.obs_names) == [s[0] for s in SLIDES] and "response" not in cohort.obs
+    assert cohort.obs.loc["P1_pre", "slide"].endswith("P1_pre.ome.tif")
+    assert open_results(out).patients().obs.loc["P1", "complete"]

@@ -221,6 +221,8 @@ def _read_metrics(results: Results, slide: _Slide) -> None:
 
 def _check_metrics(data: dict, slide_id: str) -> None:
     where = f"slide {slide_id!r}: metrics.json"
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} is a {type(data).__name__}, not an object")
     if data.get("format") != METRICS_FORMAT:
         raise ValueError(f"{where} has format {data.get('format')!r}; this version reads format {METRICS_FORMAT}")
     if data.get("slide_id") != slide_id:
@@ -301,10 +303,12 @@ def _patients(cohort, slides: list[_Slide], timepoints: tuple[str, ...]):
     with np.errstate(divide="ignore", invalid="ignore"):
         layers["log2_fold_change"] = np.log2((layers["post"] + c) / (layers["pre"] + c))
 
-    obs = pd.DataFrame(index=pd.Index(patients, dtype=object))
+    columns = {}
     for name in dict.fromkeys(n for s in slides for n in s.columns if n != "slide"):
-        obs[name] = [_patient_value([t.columns.get(name, "") for t in by_patient[p].values()]) for p in patients]
-    obs = obs[[n for n in obs.columns if obs[n].notna().all()]]  # a column that varies within a patient is the slide's
+        values = [_patient_value([t.columns.get(name, "") for t in by_patient[p].values()]) for p in patients]
+        if all(v is not None for v in values):  # a column that varies within a patient is the slide's
+            columns[name] = values
+    obs = pd.DataFrame(columns, index=pd.Index(patients, dtype=object))
     sides = [(by_patient[p].get(pre_tp), by_patient[p].get(post_tp)) for p in patients]
     obs["pre_slide_id"] = [pre.slide_id if pre else "" for pre, _ in sides]
     obs["post_slide_id"] = [post.slide_id if post else "" for _, post in sides]
