@@ -268,7 +268,8 @@ def analyze(out_dir: str | Path, *, group: str | None = None, metrics: list[str]
     between = group_tests(patients, group, metrics=names, source=str(source)) if group else None
     has_classes = {"immune_class_pre", "immune_class_post"} <= set(patients.obs.columns)
     table, cold_to_hot = transitions(patients) if has_classes else (None, None)
-    labels = _levels(patients, group, str(source))[0].to_numpy() if group else None
+    labels, levels = _levels(patients, group, str(source)) if group else (None, [])
+    labels = labels.to_numpy() if labels is not None else None
     keys = [m for m in (key_metrics if key_metrics is not None else KEY_METRICS) if m in names]
     units = dict(zip(patients.var_names, patients.var["unit"].astype(str)))
     reasons = patients.obs["reason"].astype(str) if "reason" in patients.obs else pd.Series("", patients.obs_names)
@@ -287,7 +288,7 @@ def analyze(out_dir: str | Path, *, group: str | None = None, metrics: list[str]
         pseudocounts = np.array([_pseudocount(patients, m, units[m]) for m in names])
         files += plot_analysis(patients, overall, tmp, metrics=names, key_metrics=keys, complete=complete,
                                pseudocounts=pseudocounts, groups=labels,
-                               group_order=_levels(patients, group, str(source))[1] if group else None)
+                               group_order=levels or None)
         significant = overall[overall["p_adjusted"] < alpha]
         summary = {
             "format": 1,
@@ -311,8 +312,7 @@ def analyze(out_dir: str | Path, *, group: str | None = None, metrics: list[str]
         }
         if group and has_classes:
             summary["cold_to_hot_by_group"] = {
-                lv: transitions(patients[np.asarray(labels == lv, dtype=bool)])[1]
-                for lv in _levels(patients, group, str(source))[1]}
+                lv: transitions(patients[np.asarray(labels == lv, dtype=bool)])[1] for lv in levels}
         write_json(tmp / "analysis.json", summary)
     log.info("analysis: %d metrics, %d complete patients -> %s", len(names), int(complete.sum()), target)
     return target
