@@ -337,3 +337,21 @@ def test_without_the_manifest_file_the_tables_keep_run_json_columns(tmp_path, ca
     assert list(cohort.obs_names) == [s[0] for s in SLIDES] and "response" not in cohort.obs
     assert cohort.obs.loc["P1_pre", "slide"].endswith("P1_pre.ome.tif")
     assert open_results(out).patients().obs.loc["P1", "complete"]
+
+
+def test_a_failed_write_leaves_the_previous_table_whole(tmp_path, monkeypatch):
+    import anndata
+
+    out, _ = write_results(tmp_path)
+    write_cohort_tables(out)
+    before = (out / "cohort.h5ad").read_bytes()
+
+    def half_written(self, filename, **kwargs):
+        Path(filename).write_bytes(b"half an HDF5 file")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(anndata.AnnData, "write_h5ad", half_written)
+    with pytest.raises(OSError, match="No space left"):
+        write_cohort_tables(out)
+    assert (out / "cohort.h5ad").read_bytes() == before
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
