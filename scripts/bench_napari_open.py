@@ -1,0 +1,150 @@
+"""Time to first picture and peak memory of opening a slide's result folder in napari.
+
+Each folder is opened in a fresh Python process (so peak RSS is that open's): the napari
+viewer is created and shown, then timed from ``viewer.open(folder, plugin="tme-napari")`` until
+the first screenshot of the canvas is drawn (every layer at the zoom that shows the whole
+slide). Run it under ``xvfb-run -a``.
+
+A larger result folder can be made from a finished one by tiling it ``k x k`` (labels with
+offset ids, cells with offset positions and ids, regions and TLS shifted) over a slide file
+of the matching size (e.g. ``tme synth --size-mm 6 6``): the reader then sees k² times the
+cells and k² times the pixels, which is what its cost depends on.
+
+    xvfb-run -a .venv/bin/python scripts/bench_napari_open.py OUT2/slides/P01_pre \\
+        --tile 3 --tile-slide c6/slides/P01_pre.ome.tif --tile-out /tmp/tiled --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _measure(folder: str) -> dict:
+    import resource
+
+    import napari
+
+    viewer = napari.Viewer(show=True)
+    viewer.window._qt_window.resize(1200, 900)
+    viewer.screenshot(canvas_only=True, flash=False)  # the empty canvas drawn once: startup is not counted
+    base_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    layers = viewer.open(folder, plugin="tme-napari")
+    opened = time.perf_counter() - start
+    viewer.reset_view()
+    picture = viewer.screenshot(canvas_only=True, flash=False)
+    first = time.perf_counter() - start
+    points = next(layer for layer in layers if layer.name == "cells (phenotype)")
+    images = [layer for layer in layers if layer._type_string == "image"]
+    result = {"folder": folder, "n_layers": len(layers), "n_cells": int(len(points.data)),
+              "slide_extent_um": [float(v) for v in images[0].extent.world[1] - images[0].extent.world[0]],
+              "data_level_shown": int(images[0].data_level), "n_levels": len(images[0].data),
+              "seconds_to_layers": round(opened, 2), "seconds_to_first_picture": round(first, 2),
+              "picture_nonblank": bool(picture[..., :3].max() > 0),
+              "rss_mb_viewer_only": round(base_mb, 1),
+              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    result["peak_rss_mb_over_viewer"] = round(result["peak_rss_mb"] - base_mb, 1)
+    viewer.close()
+    return result
+
+
+def tile_result_folder(src: Path, dst: Path, k: int, slide: Path) -> Path:
+    """A result folder of ``k x k`` copies of ``src`` over ``slide`` (which should be k times as large)."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import zarr
+
+    from tme_pipeline.geojson import feature_collection, write_geojson
+    from tme_pipeline.io.labels import create_labels_zarr, write_label_pyramid
+    from tme_pipeline.io.slides import open_slide
+    from tme_pipeline.results import CELLS, LABELS, REGIONS_GEOJSON, STAGES_JSON, TLS_GEOJSON, SlideResults
+
+    results = SlideResults(src.name, src)
+    cells = results.cells()
+    info = dict(cells.uns["slide"])
+    pixel_um = float(info["pixel_um"])
+    nuclei = results.labels("nuclei")
+    h, w = nuclei.shape
+    big = open_slide(slide)
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / STAGES_JSON).write_text((src / STAGES_JSON).read_text())
+    root = create_labels_zarr(dst / LABELS, shape_yx=(max(big.shape_yx[0], k * h), max(big.shape_yx[1], k * w)),
+                              pixel_um=pixel_um, chunk_px=1024)
+    offset_id = int(cells.obs["cell_id"].max())
+    for name in ("nuclei", "cells"):
+        level0 = np.asarray(zarr.open_group(str(src / LABELS), mode="r")[f"labels/{name}/0"])
+        for t in range(k * k):
+            ty, tx = divmod(t, k)
+            root[f"labels/{name}/0"][ty * h:(ty + 1) * h, tx * w:(tx + 1) * w] = np.where(
+                level0 > 0, level0 + t * offset_id, 0).astype(np.uint32)
+        write_label_pyramid(root, name, pixel_um=pixel_um)
+    copies = []
+    for t in range(k * k):
+        ty, tx = divmod(t, k)
+        part = cells.copy()
+        part.obs["x_um"] = part.obs["x_um"] + tx * w * pixel_um
+        part.obs["y_um"] = part.obs["y_um"] + ty * h * pixel_um
+        part.obs["cell_id"] = part.obs["cell_id"] + t * offset_id
+        part.obs_names = [f"{t}_{n}" for n in part.obs_names]
+        copies.append(part)
+    tiled = ad.concat(copies, merge="first")
+    tiled.obs["phenotype"] = pd.Categorical(tiled.obs["phenotype"], categories=cells.obs["phenotype"].cat.categories)
+    tiled.uns["slide"] = {**info, "path": str(slide), "shape_yx": list(big.shape_yx),
+                          "channels": list(big.channel_names)}
+    tiled.write_h5ad(dst / CELLS)
+    for name in (REGIONS_GEOJSON, TLS_GEOJSON):
+        collection = json.loads((src / name).read_text())
+        features = []
+        for t in range(k * k):
+            ty, tx = divmod(t, k)
+            for feature in collection["features"]:
+                shifted = json.loads(json.dumps(feature))
+                shifted["geometry"]["coordinates"] = _shift(shifted["geometry"]["coordinates"], tx * w, ty * h)
+                features.append(shifted)
+        write_geojson(dst / name, feature_collection(features, pixel_um=pixel_um))
+    return dst
+
+
+def _shift(coords, dx, dy):
+    if coords and isinstance(coords[0], (int, float)):
+        return [coords[0] + dx, coords[1] + dy]
+    return [_shift(c, dx, dy) for c in coords]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="*", help="slide result folders OUT/slides/<id>")
+    parser.add_argument("--tile", type=int, default=0, help="also open the first folder tiled k x k")
+    parser.add_argument("--tile-slide", type=Path, help="slide file k times the size, for --tile")
+    parser.add_argument("--tile-out", type=Path, default=Path("/tmp/bench_napari_tiled"))
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(_measure(args.measure)))
+        return
+    folders = list(args.folders)
+    if args.tile:
+        if not (args.tile_out / "cells.h5ad").is_file():
+            tile_result_folder(Path(folders[0]), args.tile_out, args.tile, args.tile_slide)
+        folders.append(str(args.tile_out))
+    runs = []
+    for folder in folders:
+        for _ in range(args.repeats):
+            done = subprocess.run([sys.executable, __file__, "--measure", folder], capture_output=True, text=True,
+                                  check=True)
+            runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(json.dumps(runs[-1]))
+    if args.json:
+        args.json.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
