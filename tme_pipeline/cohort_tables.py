@@ -114,6 +114,11 @@ def write_cohort_tables(out_dir: str | Path, *, manifest: Manifest | None = None
     ValueError
         Naming the slides: a patient with two slides at one timepoint; a metric with
         different units on two slides; a config with other than two timepoints.
+
+    Examples
+    --------
+    >>> paths = write_cohort_tables("demo/out")  # doctest: +SKIP
+    >>> open_results("demo/out").patients().to_df(layer="delta")  # doctest: +SKIP
     """
     out = Path(out_dir)
     paths = {"cohort": out / COHORT_H5AD, "patients": out / PATIENTS_H5AD, "metrics": out / METRICS_CSV}
