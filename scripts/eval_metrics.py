@@ -16,10 +16,11 @@ groups over tumor, margin and stroma, where both exist and the truth region hold
 ``--min-truth-cells`` cells of the group (a relative error on a handful of cells measures
 chance); per patient the post/pre CD8 fold in tumour + margin (ours: CD8_T cells with region
 tumor_core or margin over the two areas; truth: the same on the truth grid), our fold over the
-truth's; the immune class against the class :func:`tme_pipeline.metrics.immune_class` gives on
-the truth densities (the truth core counts as absent under ``regions.min_region_area_mm2``);
-with the manifest's ``response`` column, the Spearman correlation of CD8 fold with
-non_responder < partial_responder < responder and the medians per class.
+truth's; PD-L1 TPS against the truth's % of viable tumour cells PD-L1+ (points); the immune
+class against the class :func:`tme_pipeline.metrics.immune_class` gives on the truth densities
+(the truth core counts as absent under ``regions.min_region_area_mm2``); with the manifest's
+``response`` column, the Spearman correlation of CD8 fold with non_responder <
+partial_responder < responder and the medians per class.
 
 Acceptance (issue 13): median density relative error <= 10 %; CD8 fold within 10 %; class
 agreement >= 90 %; responders above partial responders above non-responders.
@@ -109,7 +110,10 @@ def score(cohort: Path, results_dir: Path, *, margin_um: float, min_truth_cells:
                  "immune_class_reason": doc["immune_class_reason"], "truth_immune_class": truth["immune_class"],
                  "truth_immune_class_reason": truth["immune_class_reason"],
                  "cd8_tumor_margin": our_tumor_margin_cd8(slide),
-                 "truth_cd8_tumor_margin": truth["density"]["CD8_T_tumor_margin"], "densities": {}}
+                 "truth_cd8_tumor_margin": truth["density"]["CD8_T_tumor_margin"],
+                 "pdl1_tps": doc["metrics"].get("pdl1_tps"),
+                 "truth_pdl1_tps": json.loads((cohort / "truth" / row.slide_id / "metrics.json").read_text())
+                 .get("fraction_pdl1_pos_tumor"), "densities": {}}
         for name in GROUPS:
             for r in REGIONS:
                 ours, exact = doc["metrics"].get(f"density_{name}_{r}"), truth["density"][f"{name}_{r}"]
@@ -150,6 +154,8 @@ def score(cohort: Path, results_dir: Path, *, margin_um: float, min_truth_cells:
         "fold_max_abs_rel_error": float(pat["fold_rel_error"].dropna().abs().max()) if len(pat) else None,
         "fold_within_10pct": int((pat["fold_rel_error"].dropna().abs() <= 0.10).sum()) if len(pat) else 0,
         "n_patients": len(pat),
+        "tps_median_abs_error_points": _median((by_slide["pdl1_tps"].astype(float)
+                                                - by_slide["truth_pdl1_tps"].astype(float)).abs()),
         "class_agreement": float(agree.mean()) if len(by_slide) else None,
         "class_confusion": pd.crosstab(by_slide["truth_immune_class"].astype(str),
                                        by_slide["immune_class"].astype(str)).to_dict(),
