@@ -148,6 +148,7 @@ def test_slide_page_escapes_data_text(slide_page):
     headings = [row for row in page.text if row.startswith("Slide ")]
     assert headings[0] == f"Slide {NASTY_ID}"
     assert "no separated positive population <fallback>" in "".join(page.text)
+    assert ["patient", "P<1>"] in page.rows and ["timepoint", "post"] in page.rows
 
 
 def test_slide_page_shows_every_metric_with_its_unit_and_absent_ones_with_why(slide_page):
@@ -175,6 +176,7 @@ def test_slide_page_key_metrics_follow_the_config(tmp_path):
     key_rows = rows[rows.index(["metric", "value", "unit", "description"]) + 1:][:2]
     assert [r[0] for r in key_rows] == ["pdl1_cps", "no_such_metric"]
     assert key_rows[0][1] == "12.0" and key_rows[1][1].startswith("—")
+    assert not any(r[0] in ("patient", "timepoint") for r in rows)  # not given: not shown
 
 
 def test_slide_page_refuses_a_metric_without_unit(tmp_path):

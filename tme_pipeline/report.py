@@ -280,7 +280,7 @@ def write_slide_report(folder: str | os.PathLike, *, slide_id: str, config: Repo
     slide_id : str
     config : ReportConfig, optional
     patient_id, timepoint : str, optional
-        From the manifest, for the header ("—" when not given).
+        From the manifest, for the header (left out when not given).
     path : path-like, optional
         Where to write; defaults to ``folder / REPORT_HTML``.
 
@@ -323,8 +323,10 @@ def write_slide_report(folder: str | os.PathLike, *, slide_id: str, config: Repo
 
     body = [f"<h1>Slide {_e(slide_id)}</h1>"]
     markers = info.get("markers", {})
+    # The stage knows no manifest row: patient and timepoint show when a caller gives them.
+    known = [(k, v) for k, v in (("patient", patient_id), ("timepoint", timepoint)) if v]
     header = [
-        ("patient", patient_id or ABSENT), ("timepoint", timepoint or ABSENT),
+        *known,
         ("size", f"{width_mm:.2f} × {height_mm:.2f} mm (width × height)"),
         ("pixel", f"{float(info['pixel_um']):g} µm" if "pixel_um" in info else ABSENT),
         ("file", f"{Path(str(info.get('path', ''))).name} ({info.get('format', '?')})"),
