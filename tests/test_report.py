@@ -80,7 +80,7 @@ def _metrics(slide_id: str, values: dict) -> dict:
             "immune_class": "excluded", "immune_class_reason": "core CD8 40 /mm² <= 100, margin 300 > 200",
             "infiltration_profile": {"bin_edges_um": [-100, -50, 0, 50, 100], "area_mm2": [0.0, 0.1, 0.2, 0.1],
                                      "density": {"CD8_T": [None, 20.0, 300.0, 250.0], "B": [None, 0.0, 10.0, 40.0]}},
-            "parameters": {}}
+            "warnings": ["phenotype 'NK' of metrics.t_cells is not a phenotype of the slide"], "parameters": {}}
 
 
 VALUES = {"area_tissue_mm2": 0.96, "density_CD8_T_tumor": 41.64, "density_CD8_T_margin": 300.2,
@@ -149,6 +149,7 @@ def test_slide_page_escapes_data_text(slide_page):
     assert headings[0] == f"Slide {NASTY_ID}"
     assert "no separated positive population <fallback>" in "".join(page.text)
     assert ["patient", "P<1>"] in page.rows and ["timepoint", "post"] in page.rows
+    assert "metrics: phenotype 'NK' of metrics.t_cells is not a phenotype of the slide" in page.text
 
 
 def test_slide_page_shows_every_metric_with_its_unit_and_absent_ones_with_why(slide_page):

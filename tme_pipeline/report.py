@@ -95,9 +95,9 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, numeric:
     return _Html(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
 
 
-def _img(data: bytes, mime: str, alt: str, *, cls: str = "") -> _Html:
+def _img(data: bytes, mime: str, alt: str) -> _Html:
     encoded = base64.b64encode(data).decode("ascii")
-    return _Html(f'<img class="{cls}" alt="{_e(alt)}" src="data:{mime};base64,{encoded}">')
+    return _Html(f'<img alt="{_e(alt)}" src="data:{mime};base64,{encoded}">')
 
 
 def _photo(path: Path, alt: str, quality: int) -> _Html:
@@ -231,12 +231,14 @@ def _metrics_tables(metrics: Mapping) -> list[str]:
 
 def _warnings(metrics: Mapping, regions: Mapping | None, tls_summary: Mapping | None,
               flags: Sequence[str]) -> list[str]:
-    """Gating flags, absent regions, why there is no TLS, and metrics without a value grouped by reason."""
+    """Gating flags, absent regions, why there is no TLS, the metrics' own warnings, and metrics without a
+    value grouped by reason."""
     items = [f"gating: {f}" for f in flags]
     for region, why in (regions or {}).get("absent", {}).items():
         items.append(f"region {region} absent: {why}")
     if tls_summary is not None and not tls_summary.get("count") and tls_summary.get("reason"):
         items.append(f"no TLS: {tls_summary['reason']}")
+    items += [f"metrics: {w}" for w in metrics.get("warnings", [])]
     by_reason: dict[str, list[str]] = {}
     for name, value in metrics["metrics"].items():
         if value is None:
