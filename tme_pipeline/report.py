@@ -510,7 +510,7 @@ def _transitions_section(patients) -> list[str]:
     obs = patients.obs
     if not {"immune_class_pre", "immune_class_post"} <= set(obs.columns):
         return []
-    done = obs[np.asarray(obs.get("complete", True), bool)]
+    done = obs[obs["complete"].to_numpy(bool)] if "complete" in obs else obs
     classes = ["inflamed", "excluded", "desert"]
     pre = pd.Categorical(done["immune_class_pre"].astype(object), classes)
     post = pd.Categorical(done["immune_class_post"].astype(object), classes)
