@@ -312,3 +312,11 @@ def test_scripted_review_changes_exactly_what_it_should(reviewed, tmp_path):
     assert set(shown.loc[shown["tls_id"] == restaged, "name"]) == {new_maturity}
     points = layers["cells (phenotype)"][1]["features"].set_index("cell_id")
     assert (points.loc[reassigned["cell_id"], "phenotype"] == "CD4_T").all()
+
+    # nothing stale any more: the command re-runs nothing and keeps the record of the corrections
+    from tme_pipeline.cli import main
+
+    assert main(["recompute", str(out), "--slide", "R"]) == 0
+    entry = json.loads((out / "run.json").read_text())["slides"][0]
+    assert entry["status"] == "skipped" and entry["stages"]["ran"] == []
+    assert entry["info"]["corrections"]["count"] == 4 and "recomputed" in json.loads((out / "run.json").read_text())
