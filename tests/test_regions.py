@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import shapely
+from scipy import ndimage as ndi
 from shapely.geometry import Point, box, shape
 
 from tme_pipeline.geojson import qupath_problems
@@ -253,3 +254,47 @@ def test_bad_input_is_named():
                      nuclear_channel="DAPI", size_um=(2000.0, 1500.0), tls_polygons_um=[], config=RegionsConfig())
     with pytest.raises(Exception, match="extra"):
         RegionsConfig(margin=3)
+
+
+def _cells(xy, phenotype, area):
+    return pd.DataFrame({"x_um": xy[:, 0], "y_um": xy[:, 1], "phenotype": phenotype, "nucleus_area_um2": area})
+
+
+def _cluster(cx, cy, n, spacing_um):
+    """``n`` cells on a hexagonal patch around (cx, cy), neighbours ``spacing_um`` apart (µm)."""
+    ring = [(0.0, 0.0)] + [(spacing_um * np.cos(a), spacing_um * np.sin(a)) for a in np.arange(6) * np.pi / 3]
+    ring += [(2 * spacing_um * np.cos(a), 2 * spacing_um * np.sin(a)) for a in np.arange(6) * np.pi / 3]
+    return np.array(ring[:n]) + (cx, cy)
+
+
+def test_satellite_nest_is_bed_a_bud_is_not():
+    disc = Point(700, 750).buffer(300)
+    obs, image = make_slide(tumour=disc, seed=13)
+    nest, bud = _cluster(1500, 500, 8, 18.0), _cluster(1500, 1100, 4, 18.0)
+    obs = pd.concat([obs, _cells(nest, "tumor", 100.0), _cells(bud, "tumor", 100.0)], ignore_index=True)
+    r = run(obs, image)
+    bed = r.masks["tumor"]
+    lab, n = ndi.label(bed)
+    assert n == 2  # the nodule and the nest; the bud is no piece of bed
+    nest_px = mask_of(Point(1500, 500).buffer(20), r)
+    assert bed[nest_px].all() and not bed[mask_of(Point(1500, 1100).buffer(20), r)].any()
+    # 8 cells 18 µm apart: an outline of about their own extent, far below min_tumor_island_mm2.
+    nest_area = (lab == lab[nest_px].max()).sum() * r.grid_um ** 2 * 1e-6
+    assert 0.002 < nest_area < RegionsConfig().min_tumor_island_mm2
+    # The nest carries its own 250 µm margin band, on both sides of its border.
+    band = Point(1500, 500).buffer(250 + 20)
+    assert r.masks["margin"][mask_of(band, r) & r.masks["tissue"]].mean() > 0.97
+    assert r.in_tumor[len(obs) - 12:len(obs) - 4].all() and not r.in_tumor[len(obs) - 4:].any()
+    # Raising the cell count above the nest's drops it: the rule is in cells, not area.
+    assert run(obs, image, min_nest_cells=9).masks["tumor"][nest_px].sum() == 0
+
+
+def test_scattered_tumour_calls_make_no_nest():
+    disc = Point(700, 750).buffer(300)
+    obs, image = make_slide(tumour=disc, seed=14)
+    rng = np.random.default_rng(15)
+    # 40 stray tumour calls over 0.6 mm² of stroma (~70 per mm²): none within 30 µm of five others.
+    stray = rng.uniform((1200, 200), (1800, 1300), size=(40, 2))
+    r0 = run(obs, image)
+    r = run(pd.concat([obs, _cells(stray, "tumor", 100.0)], ignore_index=True), image)
+    assert r.areas_mm2["tumor"] == pytest.approx(r0.areas_mm2["tumor"], rel=0.01)

@@ -44,10 +44,10 @@ class Slide:
                                         "nucleus_area_um2": area * self.rng.uniform(0.9, 1.1, len(pts)),
                                         "dapi_mean": dapi * self.rng.uniform(0.9, 1.1, len(pts)), "cd21": cd21}))
 
-    def tls(self, cx, cy, radius_um, *, maturity="aggregate", b_name="B"):
+    def tls(self, cx, cy, radius_um, *, maturity="aggregate", b_name="B", mesh_cd21=900.0):
         """A follicle as in the generator: B core rho < 0.62, T zone 0.62-1, GC rho < 0.33."""
         core_r, gc_r = 0.62 * radius_um, 0.33 * radius_um
-        mesh = 900.0 if maturity in ("primary", "secondary") else None
+        mesh = mesh_cd21 if maturity in ("primary", "secondary") else None
         if maturity == "secondary":
             self.add(grid_in(self.rng, cx, cy, 0, gc_r, 9.0), b_name, cd21=mesh, area=64.0, dapi=2000.0)
             self.add(grid_in(self.rng, cx, cy, gc_r, core_r, B_SPACING_UM), b_name, cd21=mesh)
@@ -151,6 +151,23 @@ def test_maturity_from_the_fdc_mesh_and_germinal_centre():
     assert t.loc["aggregate", "fdc_fraction"] < 0.1 < 0.9 < t.loc["primary", "fdc_fraction"]
     threshold = TLSConfig().secondary_min_gc_score
     assert t.loc["primary", "gc_score"] < threshold < t.loc["secondary", "gc_score"]
+
+
+def test_a_weak_mesh_is_found_when_tumour_cells_leak_into_cd21():
+    # Another lab: a fifth of the background (tumour cells) reads +100 in CD21 through
+    # spill-over, and the mesh stands only ~9 noise SDs (+140) above the unstained cells.
+    s = Slide(background_per_mm2=600.0)
+    tumour = s.rng.uniform(0, 2000, (600, 2))
+    s.add(tumour, "tumor", cd21=np.full(len(tumour), 300.0))
+    s.tls(500, 500, 110, maturity="aggregate")
+    s.tls(1400, 1400, 150, maturity="primary", mesh_cd21=340.0)
+    r = find_tls(s.adata(), TLSConfig())
+    by_place = {round(x / 100): m for x, m in zip(r.table["x_um"], r.table["maturity"])}
+    assert by_place == {5: "aggregate", 14: "primary"}
+    assert 200 < r.notes["fdc_threshold"] < 300  # above the unstained cells, below the leaking ones
+    # A high background quantile follows the leaking tumour cells over the mesh.
+    old = find_tls(s.adata(), TLSConfig(fdc_background_quantile=0.95, fdc_mad_factor=3.0))
+    assert set(old.table["maturity"]) == {"aggregate"}
 
 
 def test_without_the_fdc_marker_maturity_is_unstaged_and_says_why():

@@ -11,7 +11,11 @@ Definitions (as a pathologist draws them)
   level and noise of each channel are measured on pixels far from any detected cell, so no
   intensity constant is fitted to one lab.
 * ``tumor`` (the bed): where tumour-phenotype cells are dense, with the necrotic and fibrotic
-  foci inside it, small islands and holes removed, TLS carved out.
+  foci inside it, small islands and holes removed, TLS carved out. Satellite nests (at least
+  ``min_nest_cells`` tumour cells linked within ``nest_link_um``) are bed whatever their
+  area: they are tumour, though too small for the density kernel to reach the edge threshold,
+  and each adds its own margin band. Fewer cells are a bud (<= 4 tumour cells, ITBCC 2016,
+  Lugli et al. Mod Pathol 2017), not a nest.
 * ``necrosis``: bed without viable nuclei but with nuclear debris (tiny detected objects);
   ``fibrosis``: bed that is paucicellular and not necrotic; ``viable_tumor``: the rest.
 * ``margin``: tissue within ``margin_um`` of the border between the bed and non-tumour
@@ -31,6 +35,9 @@ import pandas as pd
 import shapely
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage as ndi
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
 
 from .geojson import feature, feature_collection, mask_to_geometry
 
@@ -65,7 +72,12 @@ class RegionsConfig(BaseModel):
         0.5, ge=0, lt=1, description="The bed's edge is where the tumour-cell density falls to this fraction of its "
                                      "median at tumour cells in the bed (unitless); 0 uses the floor alone.")
     smooth_um: float = Field(10.0, ge=0, description="Radius of the opening/closing that smooths the bed (µm).")
-    min_tumor_island_mm2: float = Field(0.005, ge=0, description="Bed islands smaller than this are dropped (mm²).")
+    min_tumor_island_mm2: float = Field(0.005, ge=0, description="Bed islands smaller than this are dropped (mm²) "
+                                                                 "unless they hold a tumour nest.")
+    nest_link_um: float = Field(30.0, gt=0, description="Tumour cells this close (µm, centre to centre) belong to "
+                                                        "one nest.")
+    min_nest_cells: int = Field(6, ge=1, description="A nest of at least this many linked tumour cells is bed "
+                                                     "whatever its area (cells); ITBCC buds hold <= 4.")
     min_tumor_hole_mm2: float = Field(0.01, ge=0, description="Holes in the bed smaller than this are filled (mm²).")
     margin_um: float = Field(250.0, gt=0,
                              description="Half-width of the invasive margin, each side of the border (µm).")
@@ -238,10 +250,17 @@ def find_regions(obs: pd.DataFrame, image: np.ndarray, image_um: float, *, chann
         touching = np.unique(lab[ndi.binary_dilation(bed, iterations=2) & necrotic])
         bed |= np.isin(lab, touching[touching > 0])
     px_area_mm2 = g * g * _MM2_PER_UM2
-    bed = _remove_small(bed, config.min_tumor_island_mm2 / px_area_mm2)
+    # Satellite nests of a few tumour cells are tumour, but too small for the density kernel:
+    # they join the bed by their cells (linked nests), not by their area.
+    # A nest against the bed is left to the density edge, so that nests do not push the bed's edge out.
+    nest_cells, nest_mask = _nests(x[is_tumor], y[is_tumor], shape, config)
+    min_island_px = config.min_tumor_island_mm2 / px_area_mm2
+    bed = _remove_small(bed, min_island_px, keep_holding=(nest_cells, config.min_nest_cells))
+    bed |= nest_mask & tissue & ~_touching(nest_mask, bed)
     bed |= tissue & ~_remove_small(tissue & ~bed, config.min_tumor_hole_mm2 / px_area_mm2, only_enclosed=bed)
     bed |= _fibrotic_foci(bed, tissue & ~bed, viable_density < config.fibrosis_max_cells_per_mm2)
-    bed = _remove_small(bed & ~_rasterise(tls_polygons_um, shape, g), config.min_tumor_island_mm2 / px_area_mm2)
+    bed = _remove_small(bed & ~_rasterise(tls_polygons_um, shape, g), min_island_px,
+                        keep_holding=(nest_cells, config.min_nest_cells))
     if not is_tumor.any():
         absent["tumor"] = "no tumour cells"
     elif not bed.any() and tissue.any():
@@ -360,29 +379,76 @@ def _fibrotic_foci(bed: np.ndarray, outside: np.ndarray, paucicellular: np.ndarr
     return take[lab]
 
 
+def _nests(x_um: np.ndarray, y_um: np.ndarray, shape: tuple[int, int],
+           config: RegionsConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Tumour nests: tumour cells linked within ``nest_link_um``, at least ``min_nest_cells`` of them.
+
+    Returns the number of nest cells per grid pixel ((H, W) int32) and the nests' outlines
+    ((H, W) bool): discs of half the link distance around their cells, so that linked cells'
+    discs touch, closed with the same disc.
+    """
+    g = config.grid_um
+    counts = np.zeros(shape, np.int32)
+    if len(x_um) < config.min_nest_cells:
+        return counts, np.zeros(shape, bool)
+    xy = np.column_stack([x_um, y_um])
+    pairs = cKDTree(xy).query_pairs(config.nest_link_um, output_type="ndarray")
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(xy),) * 2)
+    _, comp = connected_components(graph, directed=False)
+    in_nest = np.bincount(comp)[comp] >= config.min_nest_cells
+    ii = np.clip((y_um[in_nest] / g).astype(np.int64), 0, shape[0] - 1)
+    jj = np.clip((x_um[in_nest] / g).astype(np.int64), 0, shape[1] - 1)
+    np.add.at(counts, (ii, jj), 1)
+    r = max(1, int(round(0.5 * config.nest_link_um / g)))
+    disc = _disc(r)
+    # Two radii of padding hold the dilations, so the closing does not erode nests at the slide's edge.
+    outline = ndi.binary_dilation(np.pad(counts > 0, 2 * r), disc)
+    outline = ndi.binary_erosion(ndi.binary_dilation(outline, disc), disc)
+    return counts, outline[2 * r:-2 * r, 2 * r:-2 * r]
+
+
+def _touching(mask: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """The connected components of ``mask`` (H, W) that touch or overlap ``other`` (8-neighbourhood)."""
+    if not mask.any() or not other.any():
+        return np.zeros_like(mask)
+    lab, _ = ndi.label(mask)
+    hit = np.unique(lab[ndi.binary_dilation(other, np.ones((3, 3), bool)) & mask])
+    return np.isin(lab, hit[hit > 0])
+
+
+def _disc(r: int) -> np.ndarray:
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    return yy * yy + xx * xx <= r * r
+
+
 def _smooth(mask: np.ndarray, radius_px: float) -> np.ndarray:
     """Opening then closing with a disc of ``radius_px`` grid pixels."""
     r = int(round(radius_px))
     if r < 1 or not mask.any():
         return mask
-    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
-    disc = yy * yy + xx * xx <= r * r
+    disc = _disc(r)
     padded = np.pad(mask, r)
     out = ndi.binary_closing(ndi.binary_opening(padded, disc), disc)
     return out[r:-r, r:-r]
 
 
-def _remove_small(mask: np.ndarray, min_px: float, *, only_enclosed: np.ndarray | None = None) -> np.ndarray:
+def _remove_small(mask: np.ndarray, min_px: float, *, only_enclosed: np.ndarray | None = None,
+                  keep_holding: tuple[np.ndarray, int] | None = None) -> np.ndarray:
     """``mask`` without connected components smaller than ``min_px`` pixels.
 
     With ``only_enclosed``, a component touching the image edge is kept whatever its size:
-    a hole is only a hole when ``only_enclosed`` surrounds it.
+    a hole is only a hole when ``only_enclosed`` surrounds it. With ``keep_holding =
+    (counts, k)``, a component whose pixels hold at least ``k`` of ``counts`` ((H, W) int) is
+    kept whatever its size.
     """
     if min_px <= 0 or not mask.any():
         return mask
     lab, n = ndi.label(mask)
     sizes = np.bincount(lab.ravel(), minlength=n + 1)
     keep = sizes >= min_px
+    if keep_holding is not None:
+        counts, k = keep_holding
+        keep |= np.bincount(lab.ravel(), weights=counts.ravel(), minlength=n + 1) >= k
     if only_enclosed is not None:
         edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
         keep[edge] = True

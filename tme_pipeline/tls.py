@@ -29,10 +29,10 @@ thin T zone around them;
 ``min_b_density_per_mm2`` (3000) sits between loose B-cell infiltrates (~300 B/mm²) and
 follicles (15 000-25 000 B/mm²). The staging thresholds are fractions, not intensities: on
 the development slides (seeds 70000) aggregates had an FDC fraction of 0.00 and primary and
-secondary TLS 0.55-0.85 (threshold 0.3); primary TLS had a GC score of 0.00-0.01 and
-secondary 0.14-0.45 (threshold 0.07). The GC nucleus ratios (area >= 1.25x, DAPI <= 0.8x the
-slide's T-cell medians) took about half of the true germinal-centre B cells there and 0.1 % of
-the mantle's.
+secondary TLS 0.71-0.89 (threshold 0.3; the mesh threshold is the background's median + 4
+MAD); primary TLS had a GC score of 0.00-0.01 and secondary 0.14-0.45 (threshold 0.07).
+The GC nucleus ratios (area >= 1.25x, DAPI <= 0.8x the slide's T-cell medians) took about
+half of the true germinal-centre B cells there and 0.1 % of the mantle's.
 """
 
 from __future__ import annotations
@@ -91,9 +91,10 @@ class TLSConfig(BaseModel):
         4.0, ge=0, description="Margin (µm) of the outline beyond the outermost cell centres.")
     fdc_marker: str = Field("CD21", description="FDC marker (var name) whose whole-cell intensity shows the mesh.")
     fdc_background_quantile: float = Field(
-        0.95, gt=0, lt=1, description="Quantile (fraction) of CD21 in cells outside B cores.")
+        0.5, gt=0, lt=1, description="Quantile (fraction) of CD21 in cells outside B cores; 0.5, the median, "
+                                     "ignores a minority with spill-over.")
     fdc_mad_factor: float = Field(
-        3.0, ge=0, description="FDC threshold above that quantile, in robust SDs (1.4826 MAD).")
+        4.0, ge=0, description="FDC threshold above that quantile, in robust SDs (1.4826 MAD).")
     primary_min_fdc_fraction: float = Field(
         0.3, ge=0, le=1, description="Fraction of core B cells on the mesh for primary.")
     gc_markers: tuple[str, ...] = Field(
@@ -293,7 +294,11 @@ def _fdc_values(cells, config, xy, b_idx, comp, sizes):
     The pipeline's CD21 gate is a per-cell positivity call and the FDC mesh is not a cell,
     so the threshold is derived per slide from the background: the CD21 of cells outside
     B-cell cores (``fdc_background_quantile`` plus ``fdc_mad_factor`` robust SDs). Being
-    relative, it follows a lab's CD21 level and blur rather than a fitted constant.
+    relative, it follows a lab's CD21 level and blur rather than a fitted constant. The
+    median, not a high quantile: in another lab's look the tumour cells (a third of the
+    background) carry spill-over from the neighbouring PD-L1 and SATB2 dyes into CD21,
+    which lifts the 95th percentile by more than the mantle's weaker mesh stands above
+    the background, while the median and MAD stay those of the unstained majority.
     """
     values = _marker_column(cells, config.fdc_marker)
     if values is None:
