@@ -424,3 +424,27 @@ def test_exclusive_calls_give_double_positive_b_cells_back_to_b():
     assert before.exclusive == {} and result.to_json()["exclusive"] == result.exclusive
     assert cells.uns["phenotyping"]["exclusive"] == result.exclusive
     assert cells.uns["phenotyping"]["params"]["exclusive"] == [["CD20", "CD3"]]
+
+
+def test_dim_dapi_debris_gets_no_phenotype():
+    """Autofluorescent fragments (dim DAPI, bright in every marker) are 'other', not CD8 T cells."""
+    types, truth = cell_types(3000, seed=21)
+    cells, _ = make_cells(truth, seed=21, dim_fraction=0.0)
+    rng = np.random.default_rng(21)
+    dapi = rng.normal(5000.0, 600.0, cells.n_obs)
+    cd8 = np.flatnonzero(types == "cd8_t")
+    debris, kept = cd8[:40], cd8[40:]
+    dapi[debris] = 0.3 * 5000.0
+    dapi[kept[:20]] = 0.45 * 5000.0  # dim but above the cut: still a cell
+    cells.obs["dapi_mean"] = dapi
+    plain = cells.copy()
+
+    phenotype_cells(cells, gating=GatingConfig(), phenotypes=RULES, slide_id="S")
+    phen = cells.obs["phenotype"].to_numpy()
+    assert (phen[debris] == "other").all()
+    assert (phen[kept[:20]] == "CD8_T").mean() > 0.9
+    assert cells.uns["phenotyping"]["params"]["n_low_dapi"] == 40
+    assert cells.obs["CD8_pos"].to_numpy()[debris].mean() > 0.9  # the marker's own call is kept
+
+    phenotype_cells(plain, gating=GatingConfig(min_dapi_fraction=0.0), phenotypes=RULES, slide_id="S")
+    assert (plain.obs["phenotype"].to_numpy()[debris] == "CD8_T").mean() > 0.9

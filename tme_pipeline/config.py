@@ -133,6 +133,12 @@ class GatingConfig(_Strict):
         "(background + weak_fraction x (gate - background)) and its gate when the others pass theirs: "
         "co-expression is evidence, as for a crisp CD8+ cell with faint CD3; 1 turns this off",
     )
+    min_dapi_fraction: float = Field(
+        0.4, ge=0, lt=1,
+        description="objects whose nuclear DAPI mean is below this fraction of the slide's median nucleus are "
+        "debris (necrotic, pyknotic fragments, autofluorescent specks), not cells to phenotype: they get "
+        "'other'; 0 turns this off",
+    )
     exclusive: tuple[tuple[str, str], ...] = Field(
         (), description="pairs of lineage markers (e.g. [CD20, CD3]): a cell above both gates keeps only the one "
         "standing higher above its gate, (x - background) / (gate - background)",

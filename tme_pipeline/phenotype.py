@@ -16,7 +16,9 @@ One slide at a time, in place on its cell table:
    reads its T neighbours' CD3 and vice versa, whereas a real cell is of one lineage;
 6. ``obs['phenotype']``: the first rule that holds, else ``other``; in a rule with several
    ``+`` markers, one may pass only its weak gate (``gating.weak_fraction`` of the way from
-   the background to the gate) when the others pass theirs;
+   the background to the gate) when the others pass theirs; objects whose nuclear DAPI is
+   under ``gating.min_dapi_fraction`` of the slide's median nucleus are debris and stay
+   ``other`` (:func:`low_dapi`);
 7. markers of ``gating.within`` (in no rule) are gated last, on the cells of their phenotype
    only: PD-L1 on tumour cells, whose own background and positive fraction (~30 %) give a
    clear gate where all cells (~4 % positive, most of them lymphocytes) give a vague one;
@@ -41,7 +43,7 @@ from .config import CompensationConfig, GatingConfig, PhenotypeRule
 from .quantify import COMPARTMENT_LAYERS
 
 __all__ = ["phenotype_cells", "PhenotypeResult", "Gate", "compensate", "gate_score", "resolve_exclusive",
-           "weak_gate"]
+           "weak_gate", "low_dapi"]
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +176,27 @@ def _gate_markers(cells, markers, gating, slide_id, populations: Mapping[str, tu
             flags.append(f"slide {slide_id!r}: marker {m!r}: {why} ({gate.method} gate {gate.gate:.1f}, "
                          f"{pos.sum()} positive cells); review the gate or set a manual one")
     return gates, positive, weak, flags
+
+
+def low_dapi(cells: ad.AnnData, min_fraction: float) -> np.ndarray:
+    """Objects too dim in DAPI to be a cell's nucleus: debris, never a phenotype.
+
+    On necrotic and pyknotic ground the segmenter finds fragments whose autofluorescence lifts
+    every marker at once; lymphocyte nuclei are small but dense, so they are never the dim ones.
+
+    Parameters
+    ----------
+    cells : AnnData with ``obs['dapi_mean']`` (nuclear DAPI mean, slide units).
+    min_fraction : float, fraction of the median ``dapi_mean``; 0 disables.
+
+    Returns
+    -------
+    (n_obs,) bool, True where ``dapi_mean < min_fraction * median(dapi_mean)``.
+    """
+    if min_fraction <= 0 or "dapi_mean" not in cells.obs or cells.n_obs == 0:
+        return np.zeros(cells.n_obs, bool)
+    dapi = cells.obs["dapi_mean"].to_numpy(np.float64)
+    return dapi < min_fraction * float(np.nanmedian(dapi))
 
 
 def weak_gate(background: float, gate: float, weak_fraction: float) -> float:
@@ -358,6 +381,8 @@ def phenotype_cells(
                                                    slide_id=slide_id)
     flags += exclusive_flags
     codes = _assign_phenotypes(lineage_pos, lineage_weak, rules, cells.n_obs)
+    debris = low_dapi(cells, gating.min_dapi_fraction)
+    codes[debris] = len(names)
     populations = {}
     for m in later:
         name = gating.within[m]
@@ -389,6 +414,7 @@ def phenotype_cells(
             "manual": {m: float(g) for m, g in gating.manual.items()},
             "per_slide": {m: float(g) for m, g in gating.per_slide.get(slide_id, {}).items()},
             "within": dict(gating.within), "weak_fraction": float(gating.weak_fraction),
+            "min_dapi_fraction": float(gating.min_dapi_fraction), "n_low_dapi": int(debris.sum()),
             "compensation": comp_params, "exclusive": [list(p) for p in gating.exclusive],
         },
         "flags": list(flags),
