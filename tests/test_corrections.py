@@ -304,6 +304,14 @@ def test_scripted_review_changes_exactly_what_it_should(reviewed, tmp_path):
              if (want[m] is None) != (after[m] is None) or (want[m] is not None and not np.isclose(after[m], want[m],
                                                                                                   rtol=1e-9, atol=1e-9))}
     assert not wrong
+    # ... and the cohort tables follow
+    assert done.tables
+    cohort = open_results(out).cohort()
+    for name in ("tls_secondary_count", "density_CD4_T_tissue", "tls_area_fraction"):
+        assert cohort[["R"], [name]].X[0, 0] == pytest.approx(after[name], rel=1e-9)
+    table = open_results(out).metrics_table()
+    assert table.loc[table["metric"] == "density_CD8_T_tissue", "value"].item() == pytest.approx(
+        after["density_CD8_T_tissue"], rel=1e-9)
 
     # reopening shows the corrections
     layers = {kwargs["name"]: (data, kwargs) for data, kwargs, _ in result_folder_layers(slide.folder, load_slide=False)}
