@@ -55,3 +55,16 @@ def test_lock_released_when_the_holder_is_killed(tmp_path):
         holder.wait()
     with output_lock(tmp_path) as me:  # SIGKILL left the file; the kernel freed the lock
         assert me["pid"] == os.getpid()
+
+
+def test_a_hard_linked_copy_has_its_own_lock(tmp_path):
+    """`cp -al OUT COPY` shares .tme.lock's inode; a run into the copy must not lock out OUT."""
+    original, copy = tmp_path / "out", tmp_path / "copy"
+    with output_lock(original):
+        pass
+    copy.mkdir()
+    os.link(original / ".tme.lock", copy / ".tme.lock")
+    with output_lock(copy):
+        with output_lock(original):
+            pass
+        assert os.stat(copy / ".tme.lock").st_ino != os.stat(original / ".tme.lock").st_ino

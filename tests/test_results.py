@@ -1,5 +1,7 @@
 import json
 
+import numpy as np
+
 import pytest
 
 from tme_pipeline.io.results import partial_dir, remove_stale_partials, write_json
@@ -48,6 +50,7 @@ def test_write_json_atomic_and_strict(tmp_path):
     path = tmp_path / "run.json"
     write_json(path, {"a": 1})
     assert json.loads(path.read_text()) == {"a": 1}
-    with pytest.raises(ValueError):
-        write_json(path, {"a": float("nan")})
-    assert json.loads(path.read_text()) == {"a": 1}
+    # JSON has no NaN: a non-finite number is written as null, never as the invalid token NaN
+    write_json(path, {"a": float("nan"), "b": np.float32(np.inf), "c": np.arange(2)})
+    assert "NaN" not in path.read_text() and "Infinity" not in path.read_text()
+    assert json.loads(path.read_text()) == {"a": None, "b": None, "c": [0, 1]}

@@ -43,6 +43,23 @@ def _describe(holder: dict) -> str:
     return f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}"
 
 
+def _unshare(path: Path) -> None:
+    """Give ``path`` its own inode when it is hard-linked elsewhere.
+
+    A folder copied with ``cp -al`` shares its lock file with the original, and ``flock``
+    locks the inode: a run into the copy would then lock out runs into the original. A
+    fresh file is renamed over the link (atomic), leaving the other folder's lock alone.
+    """
+    try:
+        if path.stat().st_nlink <= 1:
+            return
+    except FileNotFoundError:
+        return
+    fresh = path.with_name(f"{path.name}.{os.getpid()}.new")
+    fresh.write_bytes(b"")
+    os.replace(fresh, path)
+
+
 @contextlib.contextmanager
 def output_lock(out: str | Path) -> Iterator[dict]:
     """Hold ``OUT/.tme.lock`` for the duration of the block.
@@ -65,6 +82,7 @@ def output_lock(out: str | Path) -> Iterator[dict]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK_FILE
+    _unshare(path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
