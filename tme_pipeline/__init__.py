@@ -31,6 +31,9 @@ _API = {
     "segment_tiled": "tiling",
     "synth_slide": "synth",
     "synth_cohort": "synth",
+    "write_cohort_tables": "cohort_tables",
+    "write_cohort_report": "report",
+    "analyze": "analysis",
 }
 
 __all__ = ["__version__", *_API]

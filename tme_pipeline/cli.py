@@ -96,10 +96,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"{slide.slide_id}: reused {', '.join(slide.reused) or 'nothing'}; "
                   f"ran {', '.join(slide.ran) or 'nothing'}")
     print(f"outputs in {result.out}  (provenance: {result.out / 'run.json'})")
+    failed_files = _cohort_file_errors(result.out)
+    for error in failed_files:
+        print(error, file=sys.stderr)
     if result.n_failed:
         print(f"{result.n_failed} slide(s) failed: see run.json", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if result.n_failed or failed_files else 0
+
+
+def _cohort_file_errors(out: Path) -> list[str]:
+    """The cohort-level files (tables, report) that run.json says could not be written."""
+    import json
+
+    try:
+        record = json.loads((Path(out) / "run.json").read_text())
+    except (OSError, ValueError):
+        return [f"{out}: run.json cannot be read"]
+    return [f"{key.replace('_', ' ')} not written: {entry['error']}" for key, entry in record.items()
+            if key.startswith("cohort_") and isinstance(entry, dict) and entry.get("error")]
 
 
 def _cmd_recompute(args: argparse.Namespace) -> int:
@@ -206,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, OutputInUse) as error:
+    except (OSError, ValueError, OutputInUse) as error:  # OSError: a full disk, an unwritable folder
         print(f"tme {args.command}: error: {error}", file=sys.stderr)
         return 2
 
