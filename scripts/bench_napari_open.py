@@ -1,9 +1,11 @@
 """Time to first picture and peak memory of opening a slide's result folder in napari.
 
-Each folder is opened in a fresh Python process (so peak RSS is that open's): the napari
-viewer is created and shown, then timed from ``viewer.open(folder, plugin="tme-napari")`` until
-the first screenshot of the canvas is drawn (every layer at the zoom that shows the whole
-slide). Run it under ``xvfb-run -a``.
+Each folder is opened in a fresh Python process: the napari viewer is created and shown, its
+peak RSS reset (``/proc/self/clear_refs``), then the reader's layers are built
+(:func:`tme_napari.layers.result_folder_layers`, what ``viewer.open(folder, plugin="tme-napari")``
+runs) and added one by one, timed per layer type, until the first screenshot of the canvas is
+drawn (every layer at the zoom that shows the whole slide). Peak RSS is that of the open
+(Linux ``VmHWM``). Run it under ``xvfb-run -a``.
 
 A larger result folder can be made from a finished one by tiling it ``k x k`` (labels with
 offset ids, cells with offset positions and ids, regions and TLS shifted) over a slide file
@@ -24,31 +26,45 @@ import time
 from pathlib import Path
 
 
-def _measure(folder: str) -> dict:
-    import resource
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
+
+def _measure(folder: str, without: tuple[str, ...] = ()) -> dict:
     import napari
+
+    from tme_napari.layers import result_folder_layers
 
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1200, 900)
     viewer.screenshot(canvas_only=True, flash=False)  # the empty canvas drawn once: startup is not counted
-    base_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before_mb = _rss_mb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # the peak RSS (VmHWM) restarts from here
     start = time.perf_counter()
-    layers = viewer.open(folder, plugin="tme-napari")
-    opened = time.perf_counter() - start
+    # What the reader does (viewer.open(folder, plugin="tme-napari")), step by step to time each part.
+    layers = [layer for layer in result_folder_layers(folder) if layer[2] not in without]
+    read = time.perf_counter() - start
+    added = {}
+    for data, kwargs, kind in layers:
+        t0 = time.perf_counter()
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+        added[kind] = added.get(kind, 0.0) + time.perf_counter() - t0
     viewer.reset_view()
     picture = viewer.screenshot(canvas_only=True, flash=False)
     first = time.perf_counter() - start
-    points = next(layer for layer in layers if layer.name == "cells (phenotype)")
-    images = [layer for layer in layers if layer._type_string == "image"]
-    result = {"folder": folder, "n_layers": len(layers), "n_cells": int(len(points.data)),
+    points = viewer.layers["cells (phenotype)"]
+    images = [layer for layer in viewer.layers if layer._type_string == "image"]
+    result = {"folder": folder, "without": list(without), "n_layers": len(viewer.layers), "n_cells": int(len(points.data)),
               "slide_extent_um": [float(v) for v in images[0].extent.world[1] - images[0].extent.world[0]],
               "data_level_shown": int(images[0].data_level), "n_levels": len(images[0].data),
-              "seconds_to_layers": round(opened, 2), "seconds_to_first_picture": round(first, 2),
-              "picture_nonblank": bool(picture[..., :3].max() > 0),
-              "rss_mb_viewer_only": round(base_mb, 1),
-              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    result["peak_rss_mb_over_viewer"] = round(result["peak_rss_mb"] - base_mb, 1)
+              "seconds_layer_data": round(read, 2),
+              "seconds_add_by_type": {k: round(v, 2) for k, v in added.items()},
+              "seconds_to_first_picture": round(first, 2), "picture_nonblank": bool(picture[..., :3].max() > 0),
+              "rss_mb_before_open": round(before_mb, 1), "peak_rss_mb_during_open": round(_rss_mb("VmHWM"), 1)}
+    result["peak_rss_mb_over_before"] = round(result["peak_rss_mb_during_open"] - before_mb, 1)
     viewer.close()
     return result
 
@@ -125,10 +141,12 @@ def main() -> None:
     parser.add_argument("--tile-out", type=Path, default=Path("/tmp/bench_napari_tiled"))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--without", nargs="*", default=[], metavar="TYPE",
+                        help="leave out layers of these types (image, labels, shapes, points)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(_measure(args.measure)))
+        print(json.dumps(_measure(args.measure, tuple(args.without))))
         return
     folders = list(args.folders)
     if args.tile:
@@ -138,8 +156,8 @@ def main() -> None:
     runs = []
     for folder in folders:
         for _ in range(args.repeats):
-            done = subprocess.run([sys.executable, __file__, "--measure", folder], capture_output=True, text=True,
-                                  check=True)
+            done = subprocess.run([sys.executable, __file__, "--measure", folder, "--without", *args.without],
+                                  capture_output=True, text=True, check=True)
             runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(json.dumps(runs[-1]))
     if args.json:
