@@ -57,7 +57,8 @@ def _measure(folder: str, without: tuple[str, ...] = ()) -> dict:
     first = time.perf_counter() - start
     points = viewer.layers["cells (phenotype)"]
     images = [layer for layer in viewer.layers if layer._type_string == "image"]
-    result = {"folder": folder, "without": list(without), "n_layers": len(viewer.layers), "n_cells": int(len(points.data)),
+    result = {"folder": folder, "without": list(without), "n_layers": len(viewer.layers),
+              "n_cells": int(len(points.data)),
               "slide_extent_um": [float(v) for v in images[0].extent.world[1] - images[0].extent.world[0]],
               "data_level_shown": int(images[0].data_level), "n_levels": len(images[0].data),
               "seconds_layer_data": round(read, 2),

@@ -74,8 +74,8 @@ def test_only_the_stage_a_correction_concerns_gets_a_key_input(tmp_path):
     assert correction_inputs(fixes, "phenotype") == {} and correction_inputs(fixes, "regions") == {}
     tls = correction_inputs(fixes, "tls")["corrections"]
     assert tls["count"] == 1 and tls["last_id"] == "c0001" and len(tls["sha256"]) == 64
-    more = fixes + append_corrections(path, "S1", [("tls_maturity", {"tls_id": 1, "polygon_um": _ring(box(20, 0, 29, 9)),
-                                                                      "maturity": "primary"})])
+    restage = {"tls_id": 1, "polygon_um": _ring(box(20, 0, 29, 9)), "maturity": "primary"}
+    more = fixes + append_corrections(path, "S1", [("tls_maturity", restage)])
     assert correction_inputs(more, "tls")["corrections"]["sha256"] != tls["sha256"]
 
 
@@ -85,7 +85,8 @@ def _tls_result():
     from tme_pipeline.tls import TLSResult
 
     polys = [box(0, 0, 100, 100), box(200, 0, 300, 100)]
-    table = pd.DataFrame({"tls_id": [1, 2], "maturity": ["primary", "aggregate"], "x_um": [50.0, 250], "y_um": [50.0, 50],
+    table = pd.DataFrame({"tls_id": [1, 2], "maturity": ["primary", "aggregate"], "x_um": [50.0, 250],
+                          "y_um": [50.0, 50],
                           "area_um2": [1e4, 1e4], "b_core_area_um2": [5e3, 5e3], "n_B": [3, 2], "n_T": [1, 1],
                           "b_density_per_mm2": [1.0, 1.0], "fdc_fraction": [0.5, 0.0], "gc_score": [0.0, 0.0]})
     # cells: 4 in TLS 1, 3 in TLS 2, 3 outside at x = 400-420
@@ -132,8 +133,9 @@ def test_reassign_and_gates():
     from tme_pipeline.config import GatingConfig
 
     _, cells = _tls_result()
-    info, warnings = apply_reassignments(cells, [_c("phenotype_reassign", {"cell_ids": [1, 2, 99], "phenotype": "CD8_T"}),
-                                                 _c("phenotype_reassign", {"cell_ids": [2], "phenotype": "other"})])
+    info, warnings = apply_reassignments(cells, [
+        _c("phenotype_reassign", {"cell_ids": [1, 2, 99], "phenotype": "CD8_T"}),
+        _c("phenotype_reassign", {"cell_ids": [2], "phenotype": "other"})])
     assert list(cells.obs["phenotype"][:3]) == ["CD8_T", "other", "B"] and info["n_cells"] == 2
     assert list(cells.obs["phenotype"].cat.categories) == ["CD8_T", "CD4_T", "B", "other"]
     assert "1 cell id" in warnings[0]
@@ -273,7 +275,8 @@ def test_scripted_review_changes_exactly_what_it_should(reviewed, tmp_path):
     cells = slide.cells().obs.set_index("cell_id")
     assert (cells.loc[reassigned["cell_id"], "phenotype"] == "CD4_T").all()
     assert (cells["phenotype"] != obs.set_index("cell_id")["phenotype"]).sum() == 10
-    assert (slide.folder / "original" / "tls.json").is_file() and (slide.folder / "original" / "phenotyped.h5ad").is_file()
+    original = slide.folder / "original"
+    assert (original / "tls.json").is_file() and (original / "phenotyped.h5ad").is_file()
     assert json.loads((slide.folder / "original" / "tls.json").read_text())["counts"] == before_tls["counts"]
 
     # metrics: the expected moves, and nothing else
@@ -300,9 +303,12 @@ def test_scripted_review_changes_exactly_what_it_should(reviewed, tmp_path):
         if before_metrics.get(f"ratio_cd8_t_treg_{region}") is not None:
             want[f"ratio_cd8_t_treg_{region}"] -= k / treg
     assert set(after) == set(want)
-    wrong = {m: (want[m], after[m]) for m in want
-             if (want[m] is None) != (after[m] is None) or (want[m] is not None and not np.isclose(after[m], want[m],
-                                                                                                  rtol=1e-9, atol=1e-9))}
+    def differs(m):
+        if want[m] is None or after[m] is None:
+            return (want[m] is None) != (after[m] is None)
+        return not np.isclose(after[m], want[m], rtol=1e-9, atol=1e-9)
+
+    wrong = {m: (want[m], after[m]) for m in want if differs(m)}
     assert not wrong
     # ... and the cohort tables follow
     assert done.tables
@@ -314,7 +320,8 @@ def test_scripted_review_changes_exactly_what_it_should(reviewed, tmp_path):
         after["density_CD8_T_tissue"], rel=1e-9)
 
     # reopening shows the corrections
-    layers = {kwargs["name"]: (data, kwargs) for data, kwargs, _ in result_folder_layers(slide.folder, load_slide=False)}
+    layers = {kwargs["name"]: (data, kwargs)
+              for data, kwargs, _ in result_folder_layers(slide.folder, load_slide=False)}
     shown = layers["TLS"][1]["features"]
     assert gone not in set(shown["tls_id"]) and "secondary" in set(shown.loc[shown["tls_id"] > max(tls), "name"])
     assert set(shown.loc[shown["tls_id"] == restaged, "name"]) == {new_maturity}

@@ -367,7 +367,8 @@ class ReviewWidget(Container):
             return
         points.face_color = gate_colors(self._values, float(gate))
         n = int((self._values > float(gate)).sum())
-        self.gate_info.value = f"{self.marker.value}+ : {n} of {len(self._values)} cells ({100 * n / len(self._values):.1f} %)"
+        total = len(self._values)
+        self.gate_info.value = f"{self.marker.value}+ : {n} of {total} cells ({100 * n / total:.1f} %)"
 
     def keep_gate(self, *_) -> None:
         """Queue the slider's gate for the chosen marker."""
