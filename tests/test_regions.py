@@ -298,3 +298,19 @@ def test_scattered_tumour_calls_make_no_nest():
     r0 = run(obs, image)
     r = run(pd.concat([obs, _cells(stray, "tumor", 100.0)], ignore_index=True), image)
     assert r.areas_mm2["tumor"] == pytest.approx(r0.areas_mm2["tumor"], rel=0.01)
+
+
+def test_debris_outnumbering_merged_clumps_is_necrosis():
+    # Another lab's blur merges debris into nucleus-sized clumps: 2000 "viable" objects per mm²
+    # in the necrosis, above the absolute cap, under 6000 debris per mm².
+    disc = Point(1000, 750).buffer(500)
+    necrosis = Point(1000, 750).buffer(220)
+    obs, image = make_slide(tumour=disc, necrosis=necrosis, seed=16)
+    clumps = _points(np.random.default_rng(17), necrosis, 2000.0)
+    obs = pd.concat([obs, _cells(clumps, "other", 25.0)], ignore_index=True)
+    r = run(obs, image)
+    expected = 100 * necrosis.area / disc.area
+    # Within the 5 points; the 25 µm kernel mixes the clumps into the edge's test.
+    assert r.percent_necrosis == pytest.approx(expected, abs=5)
+    # With the absolute cap alone the clumps hide the necrosis.
+    assert run(obs, image, necrosis_min_debris_ratio=100.0).percent_necrosis < expected / 2

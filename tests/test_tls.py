@@ -170,6 +170,22 @@ def test_a_weak_mesh_is_found_when_tumour_cells_leak_into_cd21():
     assert set(old.table["maturity"]) == {"aggregate"}
 
 
+def test_germinal_centre_is_judged_against_the_slides_b_cells():
+    # Blur makes every small nucleus read larger and paler: the T cells at 1.8x the B cells'
+    # area (the germinal centre's own size) and 0.75x their DAPI; the germinal centre still
+    # stands out from the mantle.
+    s = Slide()
+    s.tls(900, 900, 200, maturity="secondary")
+    s.tls(400, 1600, 150, maturity="primary")
+    a = s.adata()
+    t = a.obs["phenotype"].isin(["CD4_T", "CD8_T", "Treg"]).to_numpy()
+    a.obs.loc[t, "nucleus_area_um2"] *= 1.8
+    a.obs.loc[t, "dapi_mean"] *= 0.75
+    r = find_tls(a, TLSConfig())
+    by_place = {round(x / 100): m for x, m in zip(r.table["x_um"], r.table["maturity"])}
+    assert by_place == {9: "secondary", 4: "primary"}
+
+
 def test_without_the_fdc_marker_maturity_is_unstaged_and_says_why():
     s = Slide()
     s.tls(800, 800, 120, maturity="primary")

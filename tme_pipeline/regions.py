@@ -100,6 +100,8 @@ class RegionsConfig(BaseModel):
                                                                           "than this (cells/mm²).")
     necrosis_min_debris_per_mm2: float = Field(800.0, ge=0, description="Necrosis holds more debris than this "
                                                                           "(objects/mm²).")
+    necrosis_min_debris_ratio: float = Field(2.0, gt=0, description="Where debris outnumbers viable nuclei by "
+                                              "this ratio it is necrosis whatever the viable density (unitless).")
     fibrosis_max_cells_per_mm2: float = Field(800.0, ge=0, description="Fibrosis (paucicellular bed) holds fewer "
                                                                         "viable nuclei than this (cells/mm²).")
     min_focus_mm2: float = Field(0.005, ge=0, description="Necrotic or fibrotic foci smaller than this are "
@@ -230,8 +232,11 @@ def find_regions(obs: pd.DataFrame, image: np.ndarray, image_um: float, *, chann
     tumor_density = density(is_tumor)
     viable_density = density(~debris)
     debris_density = density(debris)
-    necrotic = tissue & (viable_density < config.necrosis_max_viable_per_mm2) & (
-        debris_density > config.necrosis_min_debris_per_mm2)
+    # Debris that outnumbers the nuclei left is necrosis too: another lab's blur merges debris
+    # into nucleus-sized clumps, which lift the "viable" density over the absolute cap.
+    necrotic = tissue & (debris_density > config.necrosis_min_debris_per_mm2) & (
+        (viable_density < config.necrosis_max_viable_per_mm2)
+        | (debris_density >= config.necrosis_min_debris_ratio * viable_density))
     necrotic = _remove_small(necrotic, config.min_focus_mm2 / (g * g * _MM2_PER_UM2))
 
     # The bed's edge is where the density falls to a fraction of the nests' own density (half
