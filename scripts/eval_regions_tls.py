@@ -10,7 +10,9 @@ Per slide, from ``OUT/slides/<id>/`` (what the pipeline wrote: ``regions.json``,
 
 * areas (mm²) of tissue, the tumour bed and the margin, relative error; the truth margin is
   the issue's definition computed on the truth grid: tissue within ``--margin-um`` (250 µm)
-  of the bed's border on either side, the border against glass excluded;
+  of the bed's border on either side, the border against glass excluded; truth bed pieces
+  without a viable tumour cell (the generator's 5 µm tissue specks) are not bed
+  (:func:`truth_bed_with_tumour`; ``margin_rel_error_raw_truth`` keeps them);
 * % necrosis of the bed (truth: necrosis grid / bed grid), error in points;
 * TLS: detections matched one-to-one to true TLS by polygon IoU >= 0.3 (largest IoU
   first); precision, recall, F1; a false detection whose outline holds more decoy cells
