@@ -135,6 +135,8 @@ def _run_locked(manifest: Manifest, out: Path, config: Config, config_path, sche
                     pixel_um=row.pixel_um or pixel_um,
                     stages=stages,
                     force_from=force_from,
+                    patient_id=row.patient_id,
+                    timepoint=row.timepoint,
                 )
             except Exception as error:  # one bad slide must not stop the batch
                 log.error("slide %s failed: %s", row.slide_id, error)

@@ -130,6 +130,8 @@ def run_slide(
     stages: Sequence[Stage] = STAGES,
     force: bool = False,
     force_from: str | None = None,
+    patient_id: str | None = None,
+    timepoint: str | None = None,
 ) -> SlideResult:
     """Segment nuclei, grow them into cells, measure and phenotype one slide, recomputing only what is stale.
 
@@ -151,6 +153,8 @@ def run_slide(
         Recompute every stage.
     force_from : str, optional
         Recompute this stage and every stage after it.
+    patient_id, timepoint : str, optional
+        The manifest's, for the slide's report header; no stage's output depends on them.
 
     Returns
     -------
@@ -161,6 +165,7 @@ def run_slide(
     slide_id = slide_id or out_dir.name
     start = time.perf_counter()
     inputs = slide_inputs(slide_path, config=config, slide_id=slide_id, pixel_um=pixel_um)
+    inputs = replace(inputs, patient_id=patient_id, timepoint=timepoint)
     corrections = ()
     if out_dir.parent.name == SLIDES_DIR:  # OUT/slides/<id>: the review corrections live in OUT/corrections/<id>
         from .corrections import load_corrections

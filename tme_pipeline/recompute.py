@@ -104,7 +104,7 @@ def recompute(out: str | Path, *, slide_id: str | None = None) -> RecomputeResul
         with output_lock(out):
             try:
                 done = run_slide(row.path, slide_folder(out, slide_id), config=config, slide_id=slide_id,
-                                 pixel_um=row.pixel_um)
+                                 pixel_um=row.pixel_um, patient_id=row.patient_id, timepoint=row.timepoint)
             except Exception as error:  # recorded, as the batch runner records it
                 done = SlideResult(slide_id=slide_id, status="error", out_dir=slide_folder(out, slide_id),
                                    error=f"{type(error).__name__}: {error}")

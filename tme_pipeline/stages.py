@@ -91,6 +91,8 @@ class SlideInputs:
     grid: TileGrid
     panel: PanelMatch | None = None
     corrections: tuple = ()
+    patient_id: str | None = None
+    timepoint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -643,7 +645,8 @@ def report_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
     """
     from .report import write_slide_report
 
-    path = write_slide_report(folder, slide_id=inputs.slide_id, config=inputs.config.report)
+    path = write_slide_report(folder, slide_id=inputs.slide_id, config=inputs.config.report,
+                              patient_id=inputs.patient_id, timepoint=inputs.timepoint)
     return StageOutput(info={"report": {"kb": round(path.stat().st_size / 1024)}})
 
 
