@@ -30,7 +30,9 @@ thin T zone around them;
 follicles (15 000-25 000 B/mm²). The staging thresholds are fractions, not intensities: on
 the development slides (seeds 70000) aggregates had an FDC fraction of 0.00 and primary and
 secondary TLS 0.71-0.89 (threshold 0.3; the mesh threshold is the background's median + 4
-MAD); primary TLS had a GC score of 0.00-0.01 and secondary 0.14-0.45 (threshold 0.07).
+MAD); primary TLS had a GC score of at most 0.008 and secondary at least 0.042 (another
+lab's look, seed 71000, where segmentation blurs the centroblasts' size; 0.146 in the
+default look): the threshold, 0.02, sits midway on a log scale.
 The GC nucleus ratios (area >= 1.4x, DAPI <= 0.75x the slide's B-cell medians) took 62-82 %
 of the true germinal-centre B cells there (64 % in another lab's look, seed 71000) and at
 most 0.09 % of the mantle's.
@@ -107,7 +109,7 @@ class TLSConfig(BaseModel):
     gc_core_fraction: float = Field(
         0.6, gt=0, le=1, description="Inner part (fraction of core radius) searched for a GC.")
     secondary_min_gc_score: float = Field(
-        0.07, ge=0, le=1, description="GC-like fraction (0-1) of inner core B cells for secondary.")
+        0.02, ge=0, le=1, description="GC-like fraction (0-1) of inner core B cells for secondary.")
 
 
 @dataclass(frozen=True)
