@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSlider, Label, LineEdit, PushButton
 
-from .tls_browser import TLS_LAYER, tls_views
+from .tls_browser import TLS_LAYER, tls_views, zoom_to
 
 if TYPE_CHECKING:
     import napari
@@ -243,10 +243,7 @@ class ReviewWidget(Container):
         """Centre and zoom on TLS number ``index`` of the list."""
         if not 0 <= index < len(self._views):
             raise ValueError(f"TLS index {index} out of range: {len(self._views)} TLS listed")
-        view = self._views[index]
-        canvas = getattr(self._viewer, "_canvas_size", None) or (600, 800)
-        self._viewer.camera.center = view.center_yx_um
-        self._viewer.camera.zoom = view.zoom(canvas)
+        zoom_to(self._viewer, self._views[index])
         self._shown = index
         with self.tls_choice.changed.blocked():
             self.tls_choice.value = index

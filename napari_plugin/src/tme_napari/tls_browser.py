@@ -16,7 +16,7 @@ from magicgui.widgets import ComboBox, Container, Label, PushButton
 if TYPE_CHECKING:
     import napari
 
-__all__ = ["TLSView", "tls_views", "TLSBrowser"]
+__all__ = ["TLSView", "tls_views", "zoom_to", "TLSBrowser"]
 
 TLS_LAYER = "TLS"
 
@@ -80,6 +80,14 @@ def tls_views(polygons: Sequence[np.ndarray], features, *, margin_um: float = 50
     return views
 
 
+def zoom_to(viewer, view: TLSView) -> None:
+    """Centre the viewer's camera on one TLS and zoom so that it fills the canvas."""
+    # The canvas size in screen px is only exposed privately; the fallback is a typical dock layout.
+    canvas = getattr(viewer, "_canvas_size", None) or (600, 800)
+    viewer.camera.center = view.center_yx_um
+    viewer.camera.zoom = view.zoom(canvas)
+
+
 class TLSBrowser(Container):
     """Dock widget: choose a TLS in the list (or press Next) and the view zooms to it.
 
@@ -124,11 +132,7 @@ class TLSBrowser(Container):
         """Centre and zoom the camera on TLS number ``index`` of :attr:`views`."""
         if not 0 <= index < len(self._views):
             raise ValueError(f"TLS index {index} out of range: {len(self._views)} TLS listed")
-        view = self._views[index]
-        # The canvas size in screen px is only exposed privately; the fallback is a typical dock layout.
-        canvas = getattr(self._viewer, "_canvas_size", None) or (600, 800)
-        self._viewer.camera.center = view.center_yx_um
-        self._viewer.camera.zoom = view.zoom(canvas)
+        zoom_to(self._viewer, self._views[index])
         self._shown = index
         with self._choice.changed.blocked():
             self._choice.value = index
