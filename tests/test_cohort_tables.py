@@ -298,6 +298,24 @@ def test_run_cohort_writes_the_tables_and_records_them(tiny_cohort, tmp_path):
     patients = results.patients()
     assert patients.obs.loc["A", "response"] == "responder" and not patients.obs.loc["A", "complete"]
     assert patients.obs.loc["A", "reason"].startswith("post slide A_post error:")
+    # nothing to pair: no analysis, and that is no error
+    assert results.run["cohort_analysis"] == {"folder": None, "error": None,
+                                              "reason": "no patient has both timepoints done"}
+    assert not (tmp_path / "out" / "analysis").exists()
+
+
+def test_run_cohort_analyses_complete_patients(tiny_cohort, tmp_path):
+    from tme_pipeline.cohort import run_cohort
+    from tme_pipeline.stages import Stage
+
+    manifest = tiny_cohort / "paired.csv"
+    manifest.write_text("patient_id,timepoint,slide,slide_id\nA,pre,A_pre.ome.tif,A_pre\nA,post,A_pre.ome.tif,A_post\n")
+    stage = Stage("metrics", _fake_metrics_stage, reads=(), writes=(METRICS_JSON,))
+    run_cohort(manifest, tmp_path / "out", stages=(stage,))
+    run = open_results(tmp_path / "out").run
+    assert run["cohort_analysis"] == {"folder": "analysis", "error": None}
+    assert (tmp_path / "out" / "analysis" / "paired_tests.csv").is_file()
+    assert run["cohort_report"]["error"] is None
 
 
 def test_run_cohort_records_the_tables_failure_and_keeps_run_json(tiny_cohort, tmp_path):

@@ -156,6 +156,9 @@ def _run_locked(manifest: Manifest, out: Path, config: Config, config_path, sche
     # the tables read the run.json just written; then run.json says whether they were
     record["cohort_tables"] = _cohort_tables(out, manifest)
     write_json(out / RUN_JSON, record)
+    if not record["cohort_tables"]["error"]:
+        record["cohort_analysis"] = _cohort_analysis(out)
+        write_json(out / RUN_JSON, record)
     # last: the page shows what the steps before it left (tables, analysis) and says what is missing
     record["cohort_report"] = _cohort_report(out)
     write_json(out / RUN_JSON, record)
@@ -170,6 +173,29 @@ def _cohort_tables(out: Path, manifest: Manifest) -> dict:
         log.error("cohort tables not written: %s", error)
         return {"files": [], "error": f"{type(error).__name__}: {error}"}
     return {"files": [path.name for path in paths.values()], "error": None}
+
+
+def _cohort_analysis(out: Path) -> dict:
+    """The paired analysis (:func:`tme_pipeline.analysis.analyze`) when a patient has both timepoints.
+
+    A failure is recorded, not raised; no complete patient is no error (nothing to pair).
+    """
+    import anndata as ad
+
+    from .analysis import analyze
+    from .results import PATIENTS_H5AD
+
+    try:
+        patients = ad.read_h5ad(out / PATIENTS_H5AD, backed="r")
+        complete = bool(patients.obs["complete"].astype(bool).any()) if "complete" in patients.obs else False
+        patients.file.close()
+        if not complete:
+            return {"folder": None, "error": None, "reason": "no patient has both timepoints done"}
+        folder = analyze(out)
+    except Exception as error:  # the tables stand without the statistics
+        log.error("cohort analysis not written: %s", error)
+        return {"folder": None, "error": f"{type(error).__name__}: {error}"}
+    return {"folder": folder.name, "error": None}
 
 
 def _cohort_report(out: Path) -> dict:
