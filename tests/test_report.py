@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tme_pipeline.report import ReportConfig, format_value, write_cohort_report, write_slide_report
+from tme_pipeline.cohort_report import write_cohort_report
+from tme_pipeline.report import ReportConfig, format_value, write_slide_report
 from tme_pipeline.report_plots import infiltration_profile_figure, phenotype_map_figure, phenotype_raster
 from tme_pipeline.results import (
     CELLS, COHORT_REPORT, GATES_PNG, METRICS_JSON, OVERVIEW_PNG, REGIONS_JSON, REGIONS_NPZ, REPORT_HTML, RUN_JSON,

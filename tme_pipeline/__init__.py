@@ -32,7 +32,7 @@ _API = {
     "synth_slide": "synth",
     "synth_cohort": "synth",
     "write_cohort_tables": "cohort_tables",
-    "write_cohort_report": "report",
+    "write_cohort_report": "cohort_report",
     "analyze": "analysis",
 }
 

@@ -199,8 +199,8 @@ def _cohort_analysis(out: Path) -> dict:
 
 
 def _cohort_report(out: Path) -> dict:
-    """Write ``OUT/report.html`` (:func:`tme_pipeline.report.write_cohort_report`); a failure is recorded."""
-    from .report import write_cohort_report
+    """Write ``OUT/report.html`` (:func:`tme_pipeline.cohort_report.write_cohort_report`); a failure is recorded."""
+    from .cohort_report import write_cohort_report
 
     try:
         path = write_cohort_report(out)
