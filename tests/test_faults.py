@@ -409,8 +409,8 @@ def test_disk_full_while_writing_a_slide(write_faults):
     out, _ = write_faults
     record = _records(out)["B"]
     assert record["status"] == "error"
-    assert re.search(r"OSError: \[Errno 28\] No space left on device \(slide folder .*/out/slides/B\)",
-                     record["error"]), record["error"]
+    assert re.search(r"OSError: \[Errno 28\] No space left on device \(slide folder .*/out/slides/B\) "
+                     r"\[in stage measure\]", record["error"]), record["error"]
     assert not (out / "slides" / "B").exists()
     _assert_complete(out, "A", UP_TO_MEASURE)
     _assert_nothing_partial(out)

@@ -240,10 +240,16 @@ def _check_writable(out: Path) -> None:
 
 
 def _describe(error: Exception, folder: Path) -> str:
-    """The error as ``run.json`` records it; an OS error that names no file gets the slide's folder."""
+    """The error as ``run.json`` records it, with the stage it happened in.
+
+    An OS error that names no file (a full disk) gets the slide's folder.
+    """
     text = f"{type(error).__name__}: {error}"
     if isinstance(error, OSError) and not error.filename:
         text += f" (slide folder {folder})"
+    notes = getattr(error, "__notes__", ())
+    if notes:
+        text += f" [{'; '.join(notes)}]"
     return text
 
 

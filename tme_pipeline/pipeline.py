@@ -111,7 +111,11 @@ def run_stages(
             if stage.name not in ran:
                 continue
             start = time.perf_counter()
-            output = stage.run(inputs, tmp)
+            try:
+                output = stage.run(inputs, tmp)
+            except Exception as error:  # the batch runner records which stage failed, not only what
+                error.add_note(f"in stage {stage.name}")
+                raise
             records[stage.name] = stage_record(stage, keys[stage.name], output, folder=tmp, stages=stages,
                                                seconds=time.perf_counter() - start)
             log.info("%s: %s done in %.1f s", inputs.slide_id, stage.name, records[stage.name]["seconds"])
