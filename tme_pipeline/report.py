@@ -1,9 +1,9 @@
 """The HTML reports: one page per slide (stage ``report``) and the pieces every page uses.
 
 The cohort page is :mod:`tme_pipeline.cohort_report`. Both pages are single self-contained
-files: pictures are embedded as base64 ``data:`` URIs (photographs as JPEG, plots as PNG), the style sheet is inline, and nothing points
-outside the file except the cohort page's relative links to the slide pages, so a page
-opens offline, mailed or copied alone. Every text that comes from data (slide ids,
+files: pictures are embedded as base64 ``data:`` URIs (photographs as JPEG, plots as PNG),
+the style sheet is inline, and nothing points outside the file except the cohort page's
+relative links to the slide pages, so a page opens offline, mailed or copied alone. Every text that comes from data (slide ids,
 errors, metric names, reasons) is HTML-escaped. A value is shown with its unit; a metric
 without a value shows "—" with the reason from ``metrics.json`` ``absent``.
 """
