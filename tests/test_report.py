@@ -295,3 +295,19 @@ def test_cohort_page_without_tables_says_what_is_missing(tmp_path):
     (out / RUN_JSON).unlink()
     with pytest.raises(FileNotFoundError, match="run.json"):
         write_cohort_report(out)
+
+
+def test_cohort_page_with_no_complete_patient_shows_an_empty_transition_table(tmp_path):
+    import anndata as ad
+
+    from tme_pipeline.results import PATIENTS_H5AD
+
+    out, written, slides, write_tables = _cohort(tmp_path)
+    write_tables(out)
+    patients = ad.read_h5ad(out / PATIENTS_H5AD)
+    patients.obs["complete"] = False  # e.g. a cohort of pre-SBRT biopsies only
+    patients.write_h5ad(out / PATIENTS_H5AD)
+    page = _Page(write_cohort_report(out).read_text(encoding="utf-8"))
+    table = {r[0]: r[1:] for r in page.rows if r and r[0].startswith("pre ")}
+    assert table == {f"pre {c}": ["0", "0", "0"] for c in ("inflamed", "excluded", "desert")}
+    assert "0 patients with both timepoints; 0 went cold → hot" in "".join(page.text)

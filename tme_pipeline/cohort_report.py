@@ -16,18 +16,18 @@ from urllib.parse import quote
 import numpy as np
 
 from .report import (
-    ABSENT, DEFAULT_KEY_METRICS, _class_badge, _e, _Html, _page, _plot, _table, _unit, _value_cell, _write_atomic,
-    format_value,
+    ABSENT, DEFAULT_KEY_METRICS, Html, class_badge, esc, format_value, html_page, html_table, plot_img, unit_of,
+    value_cell, write_atomic,
 )
 
 __all__ = ["write_cohort_report"]
 
 
-def _slide_link(slide_id: str) -> _Html:
+def _slide_link(slide_id: str) -> Html:
     from .results import REPORT_HTML, SLIDES_DIR
 
     href = f"{SLIDES_DIR}/{quote(slide_id, safe='')}/{REPORT_HTML}"
-    return _Html(f'<a href="{_e(href)}">{_e(slide_id)}</a>')
+    return Html(f'<a href="{esc(href)}">{esc(slide_id)}</a>')
 
 
 def _slides_section(results, slides: Sequence[Mapping], key: Sequence[str]) -> list[str]:
@@ -37,7 +37,7 @@ def _slides_section(results, slides: Sequence[Mapping], key: Sequence[str]) -> l
     failed = [s for s in slides if s.get("status") == "error"]
     parts = ["<h2>Failed slides</h2>"]
     if failed:
-        parts.append('<div class="error">' + _table(
+        parts.append('<div class="error">' + html_table(
             ["slide", "patient", "timepoint", "error"],
             [(s["slide_id"], s.get("patient_id", ""), s.get("timepoint", ""), s.get("error") or "unknown error")
              for s in failed]) + "</div>")
@@ -54,15 +54,15 @@ def _slides_section(results, slides: Sequence[Mapping], key: Sequence[str]) -> l
         link = _slide_link(sid) if s.get("status") != "error" and (folder / REPORT_HTML).is_file() else sid
         status = s.get("status", "")
         row = [link, s.get("patient_id", ""), s.get("timepoint", ""), status,
-               _class_badge(metrics.get("immune_class")) if metrics else ABSENT]
-        row += [_value_cell(metrics, n, with_unit=False) if metrics else ABSENT for n in key]
+               class_badge(metrics.get("immune_class")) if metrics else ABSENT]
+        row += [value_cell(metrics, n, with_unit=False) if metrics else ABSENT for n in key]
         rows.append(row)
     headers = ["slide", "patient", "timepoint", "status", "immune class"]
     # <wbr> lets a long metric name wrap at its underscores, so the table fits the page.
-    headers += [_Html(f"{_e(n).replace('_', '_<wbr>')}<br><small>{_e(_unit({'units': units}, n) or '?')}</small>")
+    headers += [Html(f"{esc(n).replace('_', '_<wbr>')}<br><small>{esc(unit_of({'units': units}, n) or '?')}</small>")
                 for n in key]
     parts += ["<h2>Slides</h2>", '<p class="note">Each slide id opens its report.</p>',
-              _table(headers, rows, numeric=range(5, 5 + len(key)))]
+              html_table(headers, rows, numeric=range(5, 5 + len(key)))]
     return parts
 
 
@@ -79,15 +79,15 @@ def _patients_section(patients, key: Sequence[str]) -> list[str]:
         o = obs.loc[pid]
         rows.append([pid, *(o[c] if pd.notna(o[c]) else "" for c in extra), o.get("pre_slide_id", ""),
                      o.get("post_slide_id", ""),
-                     _Html(f"{_class_badge(o.get('immune_class_pre'))} → {_class_badge(o.get('immune_class_post'))}"),
+                     Html(f"{class_badge(o.get('immune_class_pre'))} → {class_badge(o.get('immune_class_post'))}"),
                      "yes" if bool(o.get("complete", False)) else f"no: {o.get('reason', '')}"])
-    parts = ["<h2>Patients</h2>", _table(["patient", *extra, "pre slide", "post slide", "immune class pre → post",
+    parts = ["<h2>Patients</h2>", html_table(["patient", *extra, "pre slide", "post slide", "immune class pre → post",
                                           "complete"], rows)]
     units = dict(zip(patients.var_names, patients.var["unit"].astype(str))) if "unit" in patients.var else {}
     tables = []
     for name in key:
         if name not in patients.var_names:
-            tables.append(f'<div><h3>{_e(name)}</h3><p class="note">not in patients.h5ad</p></div>')
+            tables.append(f'<div><h3>{esc(name)}</h3><p class="note">not in patients.h5ad</p></div>')
             continue
         j = patients.var_names.get_loc(name)
         unit = units.get(name, "")
@@ -95,9 +95,9 @@ def _patients_section(patients, key: Sequence[str]) -> list[str]:
                  if k in patients.layers}
         cells = [[pid] + [format_value(layer[k][i], unit, with_unit=False) if k in layer else ABSENT
                           for k in ("pre", "post", "delta")] for i, pid in enumerate(patients.obs_names)]
-        shown = _unit({"units": units}, name)
-        tables.append(f"<div><h3>{_e(name)}{f' ({_e(shown)})' if shown else ''}</h3>"
-                      + _table(["patient", "pre", "post", "post − pre"], cells, numeric=(1, 2, 3)) + "</div>")
+        shown = unit_of({"units": units}, name)
+        tables.append(f"<div><h3>{esc(name)}{f' ({esc(shown)})' if shown else ''}</h3>"
+                      + html_table(["patient", "pre", "post", "post − pre"], cells, numeric=(1, 2, 3)) + "</div>")
     parts += ["<h3>Key metrics per patient</h3>", '<div class="grid">' + "".join(tables) + "</div>"]
     return parts
 
@@ -111,15 +111,19 @@ def _transitions_section(patients) -> list[str]:
         return []
     done = obs[obs["complete"].to_numpy(bool)] if "complete" in obs else obs
     classes = ["inflamed", "excluded", "desert"]
-    pre = pd.Categorical(done["immune_class_pre"].astype(object), classes)
-    post = pd.Categorical(done["immune_class_post"].astype(object), classes)
-    table = pd.crosstab(pre, post, dropna=False).reindex(index=classes, columns=classes, fill_value=0)
+    pre = pd.Categorical(done["immune_class_pre"].astype(object), classes).codes
+    post = pd.Categorical(done["immune_class_post"].astype(object), classes).codes
+    # counted by hand: crosstab of empty categoricals (no complete patient) has no clean 3 x 3 shape
+    counts = np.zeros((len(classes), len(classes)), int)
+    known = (pre >= 0) & (post >= 0)
+    np.add.at(counts, (pre[known], post[known]), 1)
+    table = pd.DataFrame(counts, index=classes, columns=classes)
     cold_to_hot = int(sum(table.loc[c, "inflamed"] for c in ("desert", "excluded")))
     rows = [[f"pre {c}"] + [int(v) for v in table.loc[c]] for c in classes]
     return ["<h2>Immune class transitions</h2>",
             f"<p>{len(done)} patients with both timepoints; <b>{cold_to_hot}</b> went cold → hot "
             "(desert or excluded before, inflamed after).</p>",
-            _table(["", *(f"post {c}" for c in classes)], rows, numeric=(1, 2, 3))]
+            html_table(["", *(f"post {c}" for c in classes)], rows, numeric=(1, 2, 3))]
 
 
 def _analysis_section(folder: Path) -> list[str]:
@@ -136,9 +140,9 @@ def _analysis_section(folder: Path) -> list[str]:
     patients = summary.get("patients", {})
     params = summary.get("parameters", {})
     parts = ["<h2>Paired analysis (pre → post)</h2>",
-             f"<p>{_e(patients.get('complete', '?'))} complete patients ({_e(patients.get('incomplete', 0))} "
-             f"incomplete); Wilcoxon signed-rank ({_e(params.get('zero_method', ''))}), Hodges–Lehmann estimate "
-             f"with its interval, {_e(params.get('adjustment', 'Benjamini–Hochberg'))}.</p>"]
+             f"<p>{esc(patients.get('complete', '?'))} complete patients ({esc(patients.get('incomplete', 0))} "
+             f"incomplete); Wilcoxon signed-rank ({esc(params.get('zero_method', ''))}), Hodges–Lehmann estimate "
+             f"with its interval, {esc(params.get('adjustment', 'Benjamini–Hochberg'))}.</p>"]
     tests = folder / "paired_tests.csv"
     if "paired_tests.csv" in files and tests.is_file():
         frame = pd.read_csv(tests, dtype={c: str for c in ("metric", "unit", "group", "method")})
@@ -156,16 +160,17 @@ def _analysis_section(folder: Path) -> list[str]:
         significant = pd.to_numeric(frame.get("p_adjusted"), errors="coerce") < float(params.get("alpha", 0.05))
         first = frame[(frame["metric"].isin(keys) & (frame["group"] == "all")) | significant]
         numeric = [k for k, c in enumerate(columns) if c not in ("metric", "unit", "group", "method")]
-        parts += ["<h3>Key and significant metrics</h3>", _table(columns, rows(first), numeric=numeric),
-                  f"<details><summary>All {len(frame)} tests</summary>{_table(columns, rows(frame), numeric=numeric)}"
+        parts += ["<h3>Key and significant metrics</h3>", html_table(columns, rows(first), numeric=numeric),
+                  f"<details><summary>All {len(frame)} tests</summary>"
+                  f"{html_table(columns, rows(frame), numeric=numeric)}"
                   "</details>"]
     pictures = [f for f in files if f.endswith(".png") and (folder / f).is_file()]
     slopes = [f for f in pictures if f.startswith("slope_")]
     if slopes:
         parts += ["<h3>Slope plots</h3>", '<div class="grid">' + "".join(
-            f"<figure>{_plot(folder / f, f)}<figcaption>{_e(f)}</figcaption></figure>" for f in slopes) + "</div>"]
+            f"<figure>{plot_img(folder / f, f)}<figcaption>{esc(f)}</figcaption></figure>" for f in slopes) + "</div>"]
     for f in (f for f in pictures if f not in slopes):
-        parts += [f"<h3>{_e(f)}</h3>", _plot(folder / f, f)]
+        parts += [f"<h3>{esc(f)}</h3>", plot_img(folder / f, f)]
     return parts
 
 
@@ -216,7 +221,7 @@ def write_cohort_report(out_dir: str | os.PathLike) -> Path:
     slides = run.get("slides", [])
     key = list(run.get("config", {}).get("report", {}).get("key_metrics") or DEFAULT_KEY_METRICS)
     counts = {st: sum(s.get("status") == st for s in slides) for st in ("done", "skipped", "error")}
-    body = [f"<h1>Cohort report: {_e(results.out.resolve().name)}</h1>"]
+    body = [f"<h1>Cohort report: {esc(results.out.resolve().name)}</h1>"]
     header = [("run", f"{run.get('status', '?')}, started {run.get('started', '?')}, finished "
                       f"{run.get('finished') or '—'}"),
               ("manifest", run.get("manifest", ABSENT)),
@@ -225,15 +230,15 @@ def write_cohort_report(out_dir: str | os.PathLike) -> Path:
               ("patients", str(len({s.get('patient_id') for s in slides}))),
               ("software", f"tme-pipeline {run.get('versions', {}).get('tme-pipeline', '?')}"),
               ("report written", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))]
-    body.append('<table class="kv">' + "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in header)
+    body.append('<table class="kv">' + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in header)
                 + "</table>")
     body += _slides_section(results, slides, key)
     try:
         patients = results.patients()
     except FileNotFoundError as error:
-        body += ["<h2>Patients</h2>", f'<p class="note">{_e(error)}</p>']
+        body += ["<h2>Patients</h2>", f'<p class="note">{esc(error)}</p>']
     else:
         body += _patients_section(patients, key)
         body += _transitions_section(patients)
     body += _analysis_section(results.out / ANALYSIS_DIR)
-    return _write_atomic(results.out / COHORT_REPORT, _page(f"tme cohort report: {results.out.name}", body))
+    return write_atomic(results.out / COHORT_REPORT, html_page(f"tme cohort report: {results.out.name}", body))

@@ -3,8 +3,8 @@
 The cohort page is :mod:`tme_pipeline.cohort_report`. Both pages are single self-contained
 files: pictures are embedded as base64 ``data:`` URIs (photographs as JPEG, plots as PNG),
 the style sheet is inline, and nothing points outside the file except the cohort page's
-relative links to the slide pages, so a page opens offline, mailed or copied alone. Every text that comes from data (slide ids,
-errors, metric names, reasons) is HTML-escaped. A value is shown with its unit; a metric
+relative links to the slide pages, so a page opens offline, mailed or copied alone. Every
+text that comes from data (slide ids, errors, metric names, reasons) is HTML-escaped. A value is shown with its unit; a metric
 without a value shows "—" with the reason from ``metrics.json`` ``absent``.
 """
 
@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ReportConfig", "format_value", "write_slide_report", "DEFAULT_KEY_METRICS"]
+__all__ = ["ReportConfig", "format_value", "write_slide_report", "DEFAULT_KEY_METRICS", "ABSENT",
+           # the pieces the cohort page builds with
+           "Html", "esc", "html_table", "html_page", "plot_img", "class_badge", "unit_of", "value_cell", "write_atomic"]
 
 #: The metrics a reader checks first: shown at the top of a slide page and per slide and
 #: patient on the cohort page.
@@ -78,28 +80,28 @@ def format_value(value: float | None, unit: str, *, with_unit: bool = True) -> s
 
 # ---- HTML pieces ---------------------------------------------------------------------------
 
-class _Html(str):
+class Html(str):
     """Text that is already HTML (built here from escaped parts); never escaped again."""
 
 
-def _e(text: object) -> str:
-    return text if isinstance(text, _Html) else html.escape(str(text), quote=True)
+def esc(text: object) -> str:
+    return text if isinstance(text, Html) else html.escape(str(text), quote=True)
 
 
-def _table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, numeric: Sequence[int] = ()) -> _Html:
+def html_table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, numeric: Sequence[int] = ()) -> Html:
     """A table; the columns ``numeric`` (indices) are right-aligned."""
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f'<td class="num">{_e(c)}</td>' if k in numeric else f"<td>{_e(c)}</td>"
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f'<td class="num">{esc(c)}</td>' if k in numeric else f"<td>{esc(c)}</td>"
                                     for k, c in enumerate(row)) + "</tr>" for row in rows)
-    return _Html(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    return Html(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
 
 
-def _img(data: bytes, mime: str, alt: str) -> _Html:
+def _img(data: bytes, mime: str, alt: str) -> Html:
     encoded = base64.b64encode(data).decode("ascii")
-    return _Html(f'<img alt="{_e(alt)}" src="data:{mime};base64,{encoded}">')
+    return Html(f'<img alt="{esc(alt)}" src="data:{mime};base64,{encoded}">')
 
 
-def _photo(path: Path, alt: str, quality: int) -> _Html:
+def _photo(path: Path, alt: str, quality: int) -> Html:
     """A picture file embedded as JPEG: the false-colour photographs shrink ~5x with no visible loss."""
     from PIL import Image
 
@@ -109,16 +111,16 @@ def _photo(path: Path, alt: str, quality: int) -> _Html:
     return _img(buffer.getvalue(), "image/jpeg", alt)
 
 
-def _plot(path: Path, alt: str) -> _Html:
+def plot_img(path: Path, alt: str) -> Html:
     return _img(path.read_bytes(), "image/png", alt)
 
 
-def _absent(reason: str | None) -> _Html:
+def _absent(reason: str | None) -> Html:
     why = reason or "no value"
-    return _Html(f'<span class="absent" title="{_e(why)}">{ABSENT}</span> <span class="why">{_e(why)}</span>')
+    return Html(f'<span class="absent" title="{esc(why)}">{ABSENT}</span> <span class="why">{esc(why)}</span>')
 
 
-def _value_cell(metrics: Mapping, name: str, *, with_unit: bool = True) -> object:
+def value_cell(metrics: Mapping, name: str, *, with_unit: bool = True) -> object:
     """The value of ``metrics.json`` metric ``name`` (with its unit), or "—" and why."""
     value = metrics["metrics"].get(name)
     if name not in metrics["metrics"]:
@@ -128,7 +130,7 @@ def _value_cell(metrics: Mapping, name: str, *, with_unit: bool = True) -> objec
     return format_value(value, metrics["units"].get(name, ""), with_unit=with_unit)
 
 
-def _unit(metrics: Mapping, name: str) -> str:
+def unit_of(metrics: Mapping, name: str) -> str:
     unit = metrics["units"].get(name, "")
     return {"mm2": "mm²", "cells/mm2": "cells/mm²", "1/mm2": "1/mm²"}.get(unit, unit)
 
@@ -156,12 +158,12 @@ details summary{cursor:pointer;font-weight:600;margin:6px 0}
 """
 
 
-def _page(title: str, body: Sequence[str]) -> str:
+def html_page(title: str, body: Sequence[str]) -> str:
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+            f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def _write_atomic(path: Path, text: str) -> Path:
+def write_atomic(path: Path, text: str) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(text, encoding="utf-8")
@@ -171,12 +173,12 @@ def _write_atomic(path: Path, text: str) -> Path:
     return path
 
 
-def _class_badge(immune_class: object) -> _Html:
+def class_badge(immune_class: object) -> Html:
     if immune_class is None or (isinstance(immune_class, float) and not np.isfinite(immune_class)):
-        return _Html(f'<span class="absent">{ABSENT}</span>')
+        return Html(f'<span class="absent">{ABSENT}</span>')
     text = str(immune_class)
     css = text if text in ("inflamed", "excluded", "desert") else ""
-    return _Html(f'<span class="class {css}">{_e(text)}</span>')
+    return Html(f'<span class="class {css}">{esc(text)}</span>')
 
 
 # ---- the slide page ------------------------------------------------------------------------
@@ -200,8 +202,8 @@ def _metrics_tables(metrics: Mapping) -> list[str]:
     areas = [n for n in (f"area_{r}_mm2" for r in (*_REGION_ORDER, "viable_tumor", "necrosis", "fibrosis"))
              if n in names]
     if areas:
-        rows = [(n[5:-4], _value_cell(metrics, n, with_unit=False)) for n in areas]
-        parts += ["<h3>Areas</h3>", _table(["region", "area (mm²)"], rows, numeric=(1,))]
+        rows = [(n[5:-4], value_cell(metrics, n, with_unit=False)) for n in areas]
+        parts += ["<h3>Areas</h3>", html_table(["region", "area (mm²)"], rows, numeric=(1,))]
         used.update(areas)
     split = {n: _split_name(n) for n in names}
     for kind, title in (("density", "Cell densities (cells/mm²)"),
@@ -211,18 +213,18 @@ def _metrics_tables(metrics: Mapping) -> list[str]:
             continue
         groups = list(dict.fromkeys(g for g, _ in cells))
         regions = [r for r in _REGION_ORDER if any((g, r) in cells for g in groups)]
-        rows = [[g] + [_value_cell(metrics, cells[g, r], with_unit=False) if (g, r) in cells else "" for r in regions]
+        rows = [[g] + [value_cell(metrics, cells[g, r], with_unit=False) if (g, r) in cells else "" for r in regions]
                 for g in groups]
-        parts += [f"<h3>{_e(title)}</h3>", _table(["cells"] + regions, rows, numeric=range(1, len(regions) + 1))]
+        parts += [f"<h3>{esc(title)}</h3>", html_table(["cells"] + regions, rows, numeric=range(1, len(regions) + 1))]
         used.update(cells.values())
     rest = [n for n in names if n not in used]
     if rest:
         parts += ["<h3>Ratios, TLS, PD-L1, necrosis, counts</h3>",
-                  _table(["metric", "value", "unit", "description"],
-                         [(n, _value_cell(metrics, n, with_unit=False), _unit(metrics, n), descriptions.get(n, ""))
+                  html_table(["metric", "value", "unit", "description"],
+                         [(n, value_cell(metrics, n, with_unit=False), unit_of(metrics, n), descriptions.get(n, ""))
                           for n in rest], numeric=(1,))]
-    every = _table(["metric", "value", "unit", "description"],
-                   [(n, _value_cell(metrics, n, with_unit=False), _unit(metrics, n), descriptions.get(n, ""))
+    every = html_table(["metric", "value", "unit", "description"],
+                   [(n, value_cell(metrics, n, with_unit=False), unit_of(metrics, n), descriptions.get(n, ""))
                     for n in names], numeric=(1,))
     parts += [f"<details><summary>All {len(names)} metrics with units and descriptions</summary>{every}</details>"]
     return parts
@@ -246,7 +248,7 @@ def _warnings(metrics: Mapping, regions: Mapping | None, tls_summary: Mapping | 
         items.append(f"{len(names)} metric(s) without a value ({why}): {', '.join(names)}")
     if not items:
         return ['<p class="note">No warnings.</p>']
-    return ['<div class="warn"><ul>' + "".join(f"<li>{_e(i)}</li>" for i in items) + "</ul></div>"]
+    return ['<div class="warn"><ul>' + "".join(f"<li>{esc(i)}</li>" for i in items) + "</ul></div>"]
 
 
 def _versions() -> str:
@@ -322,7 +324,7 @@ def write_slide_report(folder: str | os.PathLike, *, slide_id: str, config: Repo
     if not (np.isfinite(width_mm) and np.isfinite(height_mm)):
         width_mm, height_mm = (float(obs[c].max()) / 1000.0 for c in ("x_um", "y_um"))
 
-    body = [f"<h1>Slide {_e(slide_id)}</h1>"]
+    body = [f"<h1>Slide {esc(slide_id)}</h1>"]
     markers = info.get("markers", {})
     # The stage knows no manifest row: patient and timepoint show when a caller gives them.
     known = [(k, v) for k, v in (("patient", patient_id), ("timepoint", timepoint)) if v]
@@ -333,17 +335,17 @@ def write_slide_report(folder: str | os.PathLike, *, slide_id: str, config: Repo
         ("file", f"{Path(str(info.get('path', ''))).name} ({info.get('format', '?')})"),
         ("panel", ", ".join(f"{m} = {c}" if m != c else m for m, c in markers.items()) or ABSENT),
         ("cells", f"{len(obs):,}"),
-        ("immune class", _Html(f"{_class_badge(metrics.get('immune_class'))} "
-                               f"<span class=\"why\">{_e(metrics.get('immune_class_reason') or '')}</span>")),
+        ("immune class", Html(f"{class_badge(metrics.get('immune_class'))} "
+                               f"<span class=\"why\">{esc(metrics.get('immune_class_reason') or '')}</span>")),
         ("report written", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
         ("software", _versions()),
     ]
-    body.append('<table class="kv">' + "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in header)
+    body.append('<table class="kv">' + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in header)
                 + "</table>")
     key = [n for n in config.key_metrics]
     body += ["<h2>Key metrics</h2>",
-             _table(["metric", "value", "unit", "description"],
-                    [(n, _value_cell(metrics, n, with_unit=False), _unit(metrics, n),
+             html_table(["metric", "value", "unit", "description"],
+                    [(n, value_cell(metrics, n, with_unit=False), unit_of(metrics, n),
                       metrics.get("descriptions", {}).get(n, "")) for n in key], numeric=(1,))]
     body += ["<h2>Warnings</h2>", *_warnings(metrics, regions, tls_summary, flags)]
 
@@ -370,19 +372,19 @@ def write_slide_report(folder: str | os.PathLike, *, slide_id: str, config: Repo
         body.append(_img(png_bytes(fig), "image/png", f"infiltration profile of {slide_id}"))
     else:
         why = metrics.get("absent", {}).get("infiltration_profile", "no tumour bed border")
-        body.append(f'<p class="note">No profile: {_e(why)}.</p>')
+        body.append(f'<p class="note">No profile: {esc(why)}.</p>')
 
     body += _tls_section(results.file(TLS_CLOSEUPS), tls_summary, config.photo_quality)
 
     body.append("<h2>Gating</h2>")
     for name, what in ((GATES_PNG, "gates per marker"), (CD3_CD8_PNG, "CD3 against CD8")):
         picture = results.file(name)
-        body.append(_plot(picture, what) if picture.is_file() else f'<p class="note">No {_e(name)}.</p>')
+        body.append(plot_img(picture, what) if picture.is_file() else f'<p class="note">No {esc(name)}.</p>')
 
     body.append("<h2>Metrics</h2>")
     body += _metrics_tables(metrics)
     target = Path(path) if path is not None else results.file(REPORT_HTML)
-    return _write_atomic(target, _page(f"tme report: {slide_id}", body))
+    return write_atomic(target, html_page(f"tme report: {slide_id}", body))
 
 
 def _tls_section(closeups: Path, tls_summary: Mapping | None, quality: int) -> list[str]:
@@ -390,9 +392,9 @@ def _tls_section(closeups: Path, tls_summary: Mapping | None, quality: int) -> l
     table = (tls_summary or {}).get("tls", [])
     if not table:
         why = (tls_summary or {}).get("reason") or "none found"
-        return parts + [f'<p class="note">No TLS: {_e(why)}.</p>']
+        return parts + [f'<p class="note">No TLS: {esc(why)}.</p>']
     counts = (tls_summary or {}).get("counts", {})
-    parts.append(f"<p>{len(table)} TLS: " + ", ".join(f"{_e(m)} {_e(c)}" for m, c in counts.items()) + "</p>")
+    parts.append(f"<p>{len(table)} TLS: " + ", ".join(f"{esc(m)} {esc(c)}" for m, c in counts.items()) + "</p>")
     columns = [("tls_id", "TLS", "{:d}"), ("maturity", "maturity", "{}"), ("area_um2", "area (mm²)", None),
                ("n_B", "B cells", "{:d}"), ("n_T", "T cells", "{:d}"), ("fdc_fraction", "FDC fraction", "{:.2f}"),
                ("gc_score", "GC score", "{:.2f}")]
@@ -408,14 +410,14 @@ def _tls_section(closeups: Path, tls_summary: Mapping | None, quality: int) -> l
             else:
                 row.append(fmt.format(int(value) if fmt == "{:d}" else value))
         rows.append(row)
-    parts.append(_table([c[1] for c in columns], rows, numeric=(0, 2, 3, 4, 5, 6)))
+    parts.append(html_table([c[1] for c in columns], rows, numeric=(0, 2, 3, 4, 5, 6)))
     figures = []
     for entry in table:
         picture = closeups / f"tls_{int(entry['tls_id'])}.png"
         if picture.is_file():
             caption = f"TLS {int(entry['tls_id'])}: {entry.get('maturity', '?')}"
             figures.append(f"<figure>{_photo(picture, caption, quality)}"
-                           f"<figcaption>{_e(caption)}</figcaption></figure>")
+                           f"<figcaption>{esc(caption)}</figcaption></figure>")
     if figures:
         parts.append('<div class="grid">' + "".join(figures) + "</div>")
     return parts

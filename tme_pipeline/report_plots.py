@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .slide_plots import _contour, _scale_bar
+from .slide_plots import draw_mask_outline, draw_scale_bar
 
 __all__ = ["PHENOTYPE_COLOURS", "PROFILE_COLOURS", "phenotype_raster", "phenotype_map_figure",
            "infiltration_profile_figure", "png_bytes"]
@@ -184,8 +184,8 @@ def phenotype_map_figure(x_um: np.ndarray, y_um: np.ndarray, phenotype: Sequence
     extent = (0, raster.shape[1] * pixel_um / 1000.0, raster.shape[0] * pixel_um / 1000.0, 0)
     ax.imshow(rgb, extent=extent, interpolation="nearest")
     handles = []
-    if bed_mask is not None and _contour(ax, bed_mask, grid_um, colour="black", linestyle="solid", linewidth=1.4,
-                                         min_ring_um2=2500.0):
+    if bed_mask is not None and draw_mask_outline(ax, bed_mask, grid_um, colour="black", linestyle="solid",
+                                                  linewidth=1.4, min_ring_um2=2500.0):
         handles.append(Line2D([], [], color="black", linewidth=1.4, label="tumour bed"))
     count = dict(zip(names.tolist(), counts.tolist()))
     for name in reversed(order):
@@ -194,7 +194,7 @@ def phenotype_map_figure(x_um: np.ndarray, y_um: np.ndarray, phenotype: Sequence
     ax.set_xlim(0, width_mm)
     ax.set_ylim(height_mm, 0)
     ax.set_facecolor("white")
-    _scale_bar(ax, width_mm, colour="black")
+    draw_scale_bar(ax, width_mm, colour="black")
     ax.set_xlabel("x (mm)")
     ax.set_ylabel("y (mm)")
     heading = f"{len(phenotype):,} cells by phenotype"

@@ -22,7 +22,7 @@ from .tls import MATURITY_COLOURS
 
 
 __all__ = ["DEFAULT_COLOURS", "MATURITY_COLOURS", "false_colour", "read_window", "plot_overview",
-           "plot_tls_closeups"]
+           "plot_tls_closeups", "draw_mask_outline", "draw_scale_bar"]
 
 #: Marker -> RGB (0-1) tint of the overview and close-ups, on a black background as under
 #: the microscope. Nuclei blue and dimmed, so the immune markers stand out over them;
@@ -161,7 +161,7 @@ def read_window(slide, x0_um: float, y0_um: float, x1_um: float, y1_um: float, *
     return np.asarray(block.compute() if hasattr(block, "compute") else block, np.float32), um
 
 
-def _scale_bar(ax, width_mm: float, *, colour: str = "white") -> None:
+def draw_scale_bar(ax, width_mm: float, *, colour: str = "white") -> None:
     """A bar of a round length (about a fifth of ``width_mm``) in the lower left of ``ax``, whose data units are mm."""
     target = width_mm / 5.0
     steps = np.array([1, 2, 5, 10, 20, 50, 100, 200, 250, 500, 1000, 2000, 5000, 10000], float) / 1000.0
@@ -192,7 +192,7 @@ def _outline(ax, geometry, *, scale: float, colour, linewidth: float, linestyle=
             ax.plot(xy[:, 0], xy[:, 1], color=colour, linewidth=linewidth, linestyle=linestyle)
 
 
-def _contour(ax, mask: np.ndarray, grid_um: float, *, colour, linestyle, linewidth: float,
+def draw_mask_outline(ax, mask: np.ndarray, grid_um: float, *, colour, linestyle, linewidth: float,
              min_ring_um2: float = 0.0) -> bool:
     """Outline a bool grid in mm; pixel ``(i, j)`` covers ``[j, j+1) x [i, i+1)`` times ``grid_um`` µm.
 
@@ -297,7 +297,7 @@ def plot_overview(image: np.ndarray, image_um: float, channel_names: Sequence[st
     handles = []
     for key, mask_key in (("bed", "tumor"), ("margin", "margin"), ("necrosis", "necrosis")):
         label, colour, style, width = _REGION_STYLE[key]
-        if mask_key in masks and _contour(ax, masks[mask_key], grid_um, colour=colour, linestyle=style,
+        if mask_key in masks and draw_mask_outline(ax, masks[mask_key], grid_um, colour=colour, linestyle=style,
                                           linewidth=width, min_ring_um2=min_ring_um2):
             handles.append(Line2D([], [], color=colour, linestyle=style, linewidth=width, label=label))
     counts: dict[str, int] = {}
@@ -318,7 +318,7 @@ def plot_overview(image: np.ndarray, image_um: float, channel_names: Sequence[st
         handles.append(Line2D([], [], color="none", label="no TLS"))
     ax.set_xlim(0, width_mm)
     ax.set_ylim(height_mm, 0)
-    _scale_bar(ax, width_mm)
+    draw_scale_bar(ax, width_mm)
     ax.set_xlabel("x (mm)")
     ax.set_ylabel("y (mm)")
     ax.set_facecolor("black")
@@ -440,7 +440,7 @@ def plot_tls_closeups(slide, tls: Sequence[tuple[int, str, object, Mapping[str, 
                  linestyle=(0, (4, 2)))
         ax.set_xlim(extent[0], extent[1])
         ax.set_ylim(extent[2], extent[3])
-        _scale_bar(ax, w * um / 1000.0)
+        draw_scale_bar(ax, w * um / 1000.0)
         ax.set_xlabel("x (mm)", fontsize=8)
         ax.set_ylabel("y (mm)", fontsize=8)
         ax.tick_params(labelsize=7)
