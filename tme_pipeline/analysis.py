@@ -25,14 +25,13 @@ import numpy as np
 import pandas as pd
 
 from .analysis_stats import EXACT_MAX_N, MIN_PAIRS, ZERO_METHOD, bh_adjust, paired_test
-from .results import PATIENTS_H5AD
+from .results import ANALYSIS_DIR, PATIENTS_H5AD
 
 __all__ = ["paired_tests", "group_tests", "transitions", "analyze", "KEY_METRICS", "COLUMNS",
            "ANALYSIS_DIR"]
 
 log = logging.getLogger(__name__)
 
-ANALYSIS_DIR = "analysis"
 #: Metrics drawn as slope plots by default (those present in patients.h5ad).
 KEY_METRICS = ("density_CD8_T_tumor", "density_CD8_T_margin", "density_lymphocytes_tumor",
                "tls_count", "tls_per_mm2", "percent_necrosis")

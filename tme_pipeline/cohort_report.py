@@ -211,8 +211,7 @@ def write_cohort_report(out_dir: str | os.PathLike) -> Path:
     FileNotFoundError
         If ``out_dir`` has no ``run.json``.
     """
-    from .analysis import ANALYSIS_DIR
-    from .results import COHORT_REPORT, RUN_JSON, open_results
+    from .results import ANALYSIS_DIR, COHORT_REPORT, RUN_JSON, open_results
 
     results = open_results(out_dir)
     if not results.run:

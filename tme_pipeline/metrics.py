@@ -53,9 +53,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from scipy import ndimage as ndi
 
-from .regions import REGION_KEYS
+from .regions import REGION_KEYS, signed_border_distance_um
 from .tls import MATURITIES
 
 __all__ = ["MetricsConfig", "SlideMetrics", "InfiltrationProfile", "slide_metrics", "metrics_json",
@@ -393,30 +392,6 @@ def immune_class(core_cd8: float | None, margin_cd8: float | None, *, bed_cd8: f
     if margin_cd8 > cold:
         return "excluded", f"{low} > {cold:g}{note}"
     return "desert", f"{low} <= {cold:g}{note}"
-
-
-def signed_border_distance_um(tissue: np.ndarray, bed: np.ndarray, grid_um: float) -> np.ndarray | None:
-    """Signed distance (µm) of each grid pixel centre to the bed's border with other tissue.
-
-    Parameters
-    ----------
-    tissue, bed : ndarray of bool, shape (H, W)
-    grid_um : float
-        Grid pixel edge (µm).
-
-    Returns
-    -------
-    ndarray of float64, shape (H, W), or None
-        Negative inside the bed, zero on the border (half a pixel from the adjacent centres),
-        as :func:`tme_pipeline.regions.find_regions` gives the cells; None when the bed has no
-        border with other tissue.
-    """
-    nontumor = tissue & ~bed
-    if not bed.any() or not nontumor.any():
-        return None
-    d_out = ndi.distance_transform_edt(~bed) * grid_um
-    d_in = ndi.distance_transform_edt(~nontumor) * grid_um
-    return np.where(bed, -(d_in - 0.5 * grid_um), d_out - 0.5 * grid_um)
 
 
 def infiltration_profile(border_distance_um: np.ndarray, phenotype: np.ndarray, masks: Mapping[str, np.ndarray],

@@ -41,7 +41,7 @@ from scipy.spatial import cKDTree
 
 from .geojson import feature, feature_collection, mask_to_geometry
 
-__all__ = ["RegionsConfig", "Regions", "find_regions", "regions_geojson", "REGION_KEYS"]
+__all__ = ["RegionsConfig", "Regions", "find_regions", "regions_geojson", "signed_border_distance_um", "REGION_KEYS"]
 
 logger = logging.getLogger(__name__)
 
@@ -276,14 +276,12 @@ def find_regions(obs: pd.DataFrame, image: np.ndarray, image_um: float, *, chann
                              & (tumor_density <= config.tumor_density_per_mm2), config.min_focus_mm2 / px_area_mm2)
     viable = bed & ~necrosis & ~fibrosis
 
-    nontumor = tissue & ~bed
-    has_border = bool(bed.any() and nontumor.any())
+    distances = _border_distances(tissue, bed, g)
+    has_border = distances is not None
     if has_border:
-        d_out = ndi.distance_transform_edt(~bed) * g  # outside: to the nearest bed pixel
-        d_in = ndi.distance_transform_edt(~nontumor) * g  # inside: to the nearest non-tumour tissue
+        d_in, d_out = distances
         margin = tissue & np.where(bed, d_in <= config.margin_um, d_out <= config.margin_um)
-        # Pixel centres lie half a pixel from the edge: the signed field is zero on the border.
-        signed = np.where(bed, -(d_in - 0.5 * g), d_out - 0.5 * g).astype(np.float32)
+        signed = _signed(bed, d_in, d_out, g).astype(np.float32)
         border = ndi.map_coordinates(signed, [y / g - 0.5, x / g - 0.5], order=1, mode="nearest").astype(np.float32)
     else:
         margin = np.zeros(shape, bool)
@@ -475,6 +473,39 @@ def _rasterise(polygons_um: Sequence, shape: tuple[int, int], grid_um: float) ->
         yy, xx = np.mgrid[i0:i1, j0:j1]
         out[i0:i1, j0:j1] |= shapely.contains_xy(poly, (xx + 0.5) * grid_um, (yy + 0.5) * grid_um)
     return out
+
+
+def _border_distances(tissue: np.ndarray, bed: np.ndarray, g: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """(inside: µm to the nearest non-tumour tissue, outside: µm to the nearest bed pixel); None without a border."""
+    nontumor = tissue & ~bed
+    if not (bed.any() and nontumor.any()):
+        return None
+    return ndi.distance_transform_edt(~nontumor) * g, ndi.distance_transform_edt(~bed) * g
+
+
+def _signed(bed: np.ndarray, d_in: np.ndarray, d_out: np.ndarray, g: float) -> np.ndarray:
+    # Pixel centres lie half a pixel from the edge: the signed field is zero on the border.
+    return np.where(bed, -(d_in - 0.5 * g), d_out - 0.5 * g)
+
+
+def signed_border_distance_um(tissue: np.ndarray, bed: np.ndarray, grid_um: float) -> np.ndarray | None:
+    """Signed distance (µm) of each grid pixel centre to the bed's border with other tissue.
+
+    Parameters
+    ----------
+    tissue, bed : ndarray of bool, shape (H, W)
+    grid_um : float
+        Grid pixel edge (µm).
+
+    Returns
+    -------
+    ndarray of float64, shape (H, W), or None
+        Negative inside the bed, zero on the border (half a pixel from the adjacent centres),
+        the field :func:`find_regions` samples at the cells; None when the bed has no border
+        with other tissue.
+    """
+    distances = _border_distances(tissue, bed, grid_um)
+    return None if distances is None else _signed(bed, *distances, grid_um)
 
 
 def regions_geojson(regions: Regions, *, pixel_um: float, slide_id: str) -> dict:

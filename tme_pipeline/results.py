@@ -38,7 +38,7 @@ from pathlib import Path
 __all__ = [
     "RUN_JSON", "LOCK_FILE", "SLIDES_DIR", "STAGES_JSON", "LABELS", "MEASURED", "CELLS", "GATES_PNG",
     "CD3_CD8_PNG", "PHENOTYPED", "TLS_GEOJSON", "TLS_JSON", "TLS_NPZ", "REGIONS_GEOJSON", "REGIONS_JSON",
-    "METRICS_JSON", "REPORT_HTML", "COHORT_REPORT",
+    "METRICS_JSON", "REPORT_HTML", "COHORT_REPORT", "ANALYSIS_DIR",
     "REGIONS_NPZ", "OVERVIEW_PNG", "TLS_CLOSEUPS", "CORRECTIONS_DIR", "CORRECTIONS_JSON", "ORIGINAL_DIR",
     "corrections_file", "COHORT_H5AD", "PATIENTS_H5AD", "METRICS_CSV", "Results", "SlideResults", "open_results", "slide_folder",
 ]
@@ -70,6 +70,7 @@ PATIENTS_H5AD = "patients.h5ad"
 METRICS_CSV = "metrics.csv"
 REPORT_HTML = "report.html"
 COHORT_REPORT = "report.html"
+ANALYSIS_DIR = "analysis"
 
 
 def slide_folder(out: str | Path, slide_id: str) -> Path:
