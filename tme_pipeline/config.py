@@ -190,15 +190,34 @@ class CompensationConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    """How a run is executed: Dask scheduler and threads."""
+    """How a run is executed: Dask scheduler, workers and threads (``tme_pipeline.parallel``)."""
 
     scheduler: str = Field(
         "threads",
         description="'threads', 'synchronous', 'processes', 'local-cluster' or a "
         "distributed scheduler address such as tcp://host:8786",
     )
-    n_workers: int | None = Field(None, ge=1)
-    torch_threads: int | None = Field(None, ge=1)
+    n_workers: int | None = Field(
+        None, ge=1, description="threads, processes or local-cluster workers (SLURM: jobs); null: one per core",
+    )
+    threads_per_worker: int = Field(
+        1, ge=1, description="Dask threads, and torch intra-op threads, in each worker process of a cluster",
+    )
+    cluster: str | None = Field(
+        None, description="a dask-jobqueue cluster file (configs/cluster-slurm.yaml); overrides `scheduler`",
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads per tile call; null: torch's own (a cluster worker: "
+        "threads_per_worker)",
+    )
+    progress: Literal["auto", "bars", "log", "quiet"] = Field(
+        "auto", description="how progress is shown (tme_pipeline.progress): 'bars' (a tqdm bar per slide's tiled "
+        "stage and one for the batch, on standard error), 'log' (log lines), 'quiet' (nothing; `--quiet`), "
+        "'auto' (bars on a terminal, else log)",
+    )
+    progress_every_s: float = Field(
+        10.0, gt=0, description="log mode: at most one progress line per stage this often (s)",
+    )
 
 
 class Config(_Strict):
