@@ -8,15 +8,17 @@ cells (``cells.csv.gz``, a cell in the region of the grid pixel under its centre
 
 * tumour = the truth's ``tumor_bed``; margin = tissue within ``--margin-um`` (250 µm) of the
   bed's border with other tissue on both sides (``eval_regions_tls.truth_margin``); core = bed
-  - margin; stroma = tissue - bed - margin;
+  - margin; stroma = tissue - bed - margin; tumour + margin = bed or margin;
+* densities over the viable part, as ``metrics`` defines them: the truth's ``necrosis`` mask
+  is taken out of every region's area and its cells out of the counts (the truth's mask, not
+  ours); a region whose viable part is under ``metrics.min_viable_area_mm2`` has no density;
 * groups: CD8_T = ``cd8_t``, B = ``b_cell``, t_cells = ``T_TYPES`` (cd8_t, cd4_t, treg).
 
 Per slide, the relative error of our ``density_<group>_<region>`` (metrics.json) for those
 groups over tumor, margin and stroma, where both exist and the truth region holds at least
 ``--min-truth-cells`` cells of the group (a relative error on a handful of cells measures
-chance); per patient the post/pre CD8 fold in tumour + margin (ours: CD8_T cells with region
-tumor_core or margin over the two areas; truth: the same on the truth grid), our fold over the
-truth's; PD-L1 TPS against the truth's % of viable tumour cells PD-L1+ (points); the immune
+chance); per patient the post/pre CD8 fold in tumour + margin (ours: ``density_CD8_T_tumor_margin``;
+truth: the same on the truth grid), our fold over the truth's; PD-L1 TPS against the truth's % of viable tumour cells PD-L1+ (points); the immune
 class against the class :func:`tme_pipeline.metrics.immune_class` gives on the truth densities
 (the truth core counts as absent under ``regions.min_region_area_mm2``); with the manifest's
 ``response`` column, the Spearman correlation of CD8 fold with non_responder <
@@ -56,13 +58,15 @@ def truth_densities(truth_dir: Path, *, margin_um: float, min_core_mm2: float) -
     g = float(z["um_per_px"])
     tissue, bed = z["tissue"].astype(bool), z["tumor_bed"].astype(bool) & z["tissue"].astype(bool)
     margin = truth_margin(tissue, bed, g, margin_um)
-    masks = {"tumor": bed, "tumor_core": bed & ~margin, "margin": margin, "stroma": tissue & ~bed & ~margin,
-             "tumor_margin": bed | margin}
+    viable = ~z["necrosis"].astype(bool)
+    masks = {r: m & viable for r, m in {"tumor": bed, "tumor_core": bed & ~margin, "margin": margin,
+                                        "stroma": tissue & ~bed & ~margin, "tumor_margin": bed | margin}.items()}
     cells = pd.read_csv(truth_dir / "cells.csv.gz", usecols=["x_um", "y_um", "cell_type"])
     jj = np.clip((cells["x_um"].to_numpy() // g).astype(np.int64), 0, tissue.shape[1] - 1)
     ii = np.clip((cells["y_um"].to_numpy() // g).astype(np.int64), 0, tissue.shape[0] - 1)
     types = cells["cell_type"].astype(str).to_numpy()
     px_mm2 = (g / 1000.0) ** 2
+    min_viable = load_config().metrics.min_viable_area_mm2
     out = {"areas_mm2": {r: float(m.sum()) * px_mm2 for r, m in masks.items()}, "counts": {}, "density": {}}
     for r, m in masks.items():
         inside = m[ii, jj]
@@ -70,28 +74,14 @@ def truth_densities(truth_dir: Path, *, margin_um: float, min_core_mm2: float) -
         for name, members in GROUPS.items():
             n = int((inside & np.isin(types, members)).sum())
             out["counts"][f"{name}_{r}"] = n
-            out["density"][f"{name}_{r}"] = n / area if area > 0 else None
-    core_ok = out["areas_mm2"]["tumor_core"] >= min_core_mm2
+            out["density"][f"{name}_{r}"] = n / area if area >= max(min_viable, 1e-12) else None
+    whole_core_mm2 = float((bed & ~margin).sum()) * px_mm2
+    core_ok = whole_core_mm2 >= min_core_mm2 and out["density"]["CD8_T_tumor_core"] is not None
     out["immune_class"], out["immune_class_reason"] = immune_class(
         out["density"]["CD8_T_tumor_core"] if core_ok else None, out["density"]["CD8_T_margin"],
         bed_cd8=out["density"]["CD8_T_tumor"], config=load_config().metrics,
-        why_no_core=f"truth core {out['areas_mm2']['tumor_core']:.3f} mm²")
+        why_no_core=f"truth core {whole_core_mm2:.3f} mm², {out['areas_mm2']['tumor_core']:.3f} mm² viable")
     return out
-
-
-def our_tumor_margin_cd8(slide) -> float | None:
-    """Our CD8_T cells per mm² of tumour core + margin (the bed and its margin band, without overlap)."""
-    areas = slide.regions()["areas_mm2"]
-    area = areas["tumor_core"] + areas["margin"]
-    if not area > 0:
-        return None
-    cells = slide.cells(backed=True)
-    try:
-        obs = cells.obs
-        n = int(((obs["phenotype"].astype(str) == "CD8_T") & obs["region"].isin(["tumor_core", "margin"])).sum())
-    finally:
-        cells.file.close()
-    return n / area
 
 
 def score(cohort: Path, results_dir: Path, *, margin_um: float, min_truth_cells: int) -> dict:
@@ -109,8 +99,10 @@ def score(cohort: Path, results_dir: Path, *, margin_um: float, min_truth_cells:
                  "response": getattr(row, "response", None), "immune_class": doc["immune_class"],
                  "immune_class_reason": doc["immune_class_reason"], "truth_immune_class": truth["immune_class"],
                  "truth_immune_class_reason": truth["immune_class_reason"],
-                 "cd8_tumor_margin": our_tumor_margin_cd8(slide),
+                 "cd8_tumor_margin": doc["metrics"].get("density_CD8_T_tumor_margin"),
                  "truth_cd8_tumor_margin": truth["density"]["CD8_T_tumor_margin"],
+                 "class_cd8": {r: {"ours": doc["metrics"].get(f"density_CD8_T_{r}"),
+                                   "truth": truth["density"][f"CD8_T_{r}"]} for r in ("tumor_core", "margin", "tumor")},
                  "pdl1_tps": doc["metrics"].get("pdl1_tps"),
                  "truth_pdl1_tps": json.loads((cohort / "truth" / row.slide_id / "metrics.json").read_text())
                  .get("fraction_pdl1_pos_tumor"), "densities": {}}

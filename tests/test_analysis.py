@@ -260,3 +260,52 @@ def test_analyze_reads_what_the_cohort_tables_write(tmp_path):
     assert summary["cold_to_hot"] == 2 and sum(map(sum, [r.values() for r in summary["transitions"].values()])) == 6
     patients = ad.read_h5ad(out / "patients.h5ad")
     assert _pseudocount(patients, "density_CD8_T_tumor", "cells/mm2") == 1.0
+
+
+def test_primary_metrics_are_their_own_bh_family_and_come_first():
+    pre, post, metrics, units = planted_cohort(11)
+    # many null metrics beside the planted one: BH over all of them dilutes the CD8 p-value
+    rng = np.random.default_rng(11)
+    nulls = rng.normal(50, 10, (10, 30))
+    pre = np.column_stack([pre, nulls])
+    post = np.column_stack([post, nulls + rng.normal(0, 5, (10, 30))])
+    metrics = metrics + [f"null_{k}" for k in range(30)]
+    units = units + ["%"] * 30
+    patients = make_patients(pre, post, metrics, units, response=["responder", "non_responder"] * 5)
+    pooled = paired_tests(patients).set_index("metric")
+    split = paired_tests(patients, primary=["density_CD8_T_tumor"], group="response")
+    overall = split[split["group"] == "all"]
+    assert list(overall["metric"])[0] == "density_CD8_T_tumor" and list(overall["family"]).count("primary") == 1
+    first = overall.iloc[0]
+    # a family of one: its adjusted p is its own p, below what BH over 33 metrics gives it
+    assert first.p_adjusted == first.p_value == pytest.approx(2 / 1024)
+    assert pooled.loc["density_CD8_T_tumor", "p_adjusted"] > first.p_adjusted
+    # the exploratory family is BH over the other 32 tested metrics only
+    rest = overall[overall["family"] == "exploratory"].set_index("metric")
+    np.testing.assert_allclose(rest["p_adjusted"], stats.false_discovery_control(rest["p_value"]), rtol=1e-12)
+    # per group: the primary row first in each level too
+    for level in ("responder", "non_responder"):
+        assert split[split["group"] == level].iloc[0]["family"] == "primary"
+    # a primary metric is tested even when --metrics leaves it out
+    only = paired_tests(patients, metrics=["pdl1_tps"], primary=["density_CD8_T_tumor"])
+    assert list(only["metric"]) == ["density_CD8_T_tumor", "pdl1_tps"]
+
+
+def test_analyze_takes_the_primary_metrics_from_the_run_config(tmp_path):
+    pre, post, metrics, units = planted_cohort(12)
+    make_patients(pre, post, metrics, units).write_h5ad(tmp_path / "patients.h5ad")
+    # no run.json: the default primary metric, which this table lacks, is left out and listed
+    summary = json.loads((analyze(tmp_path) / "analysis.json").read_text())
+    assert summary["primary_missing"] == ["density_CD8_T_tumor_margin"] and summary["primary_results"] == []
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"analysis": {"primary_metrics": ["tls_count"]}}}))
+    folder = analyze(tmp_path)
+    summary = json.loads((folder / "analysis.json").read_text())
+    assert summary["parameters"]["primary_metrics"] == ["tls_count"] and "run.json" in summary["parameters"][
+        "primary_source"]
+    assert [r["metric"] for r in summary["primary_results"]] == ["tls_count"]
+    assert pd.read_csv(folder / "paired_tests.csv").iloc[0][["metric", "family"]].tolist() == ["tls_count", "primary"]
+    assert (folder / "slope_tls_count.png").is_file()
+    # an explicit argument wins over the run's config
+    summary = json.loads((analyze(tmp_path, primary_metrics=["pdl1_tps"]) / "analysis.json").read_text())
+    assert [r["metric"] for r in summary["primary_results"]] == ["pdl1_tps"]
+    assert summary["parameters"]["primary_source"] == "argument"

@@ -23,11 +23,19 @@ G = 10.0  # grid pixel (µm)
 
 
 def grids(width_px=120, height_px=40, bed_cols=60):
-    """Tissue everywhere on a 1200 x 400 µm grid; the bed is the left half, so the border is x = 600 µm."""
+    """Tissue everywhere on a 1200 x 400 µm grid; the bed is the left half, so the border is x = 600 µm;
+    the margin band x = 350..850 µm as :func:`make_cells` draws it (none without a bed)."""
     tissue = np.ones((height_px, width_px), bool)
     bed = np.zeros_like(tissue)
     bed[:, :bed_cols] = True
-    return {"tissue": tissue, "tumor": bed}, G
+    margin = np.zeros_like(tissue)
+    if bed_cols:
+        margin[:, 35:85] = True
+    return {"tissue": tissue, "tumor": bed, "margin": margin}, G
+
+
+#: Bed or margin on :func:`grids`: x < 850 µm, 85 columns of 40 pixels (mm²); counted on the grid.
+TUMOR_MARGIN_MM2 = 85 * 40 * G * G * 1e-6
 
 
 def make_cells(x, phenotype, *, categories=PHENOTYPES, core_end=350.0, margin_end=850.0, border=600.0,
@@ -75,13 +83,15 @@ def test_densities_are_counts_over_areas_and_every_metric_has_a_unit():
     result = slide_metrics(cells, regions_json(), grids(), TLS, MetricsConfig())
     obs = cells.obs
     members = {"tissue": np.ones(len(obs), bool), "tumor": obs["in_tumor"].to_numpy(),
-               **{r: (obs["region"] == r).to_numpy() for r in ("tumor_core", "margin", "stroma")}}
+               **{r: (obs["region"] == r).to_numpy() for r in ("tumor_core", "margin", "stroma")},
+               "tumor_margin": (obs["x_um"] < 850).to_numpy()}
+    areas = {**AREAS, "tumor_margin": TUMOR_MARGIN_MM2}
     groups = {p: [p] for p in PHENOTYPES if p != "other"}
     groups.update(t_cells=["CD8_T", "CD4_T", "Treg"], lymphocytes=["CD8_T", "CD4_T", "Treg", "B"])
     for r in METRIC_REGIONS:
         for g, names in groups.items():
             n = int((obs["phenotype"].isin(names).to_numpy() & members[r]).sum())
-            assert result.metrics[f"density_{g}_{r}"] == pytest.approx(n / AREAS[r], rel=1e-12)
+            assert result.metrics[f"density_{g}_{r}"] == pytest.approx(n / areas[r], rel=1e-12)
             assert result.metrics[f"fraction_{g}_{r}"] == pytest.approx(100 * n / members[r].sum(), rel=1e-12)
         n8 = ((obs["phenotype"] == "CD8_T").to_numpy() & members[r]).sum()
         nt = ((obs["phenotype"] == "Treg").to_numpy() & members[r]).sum()
@@ -95,15 +105,57 @@ def test_densities_are_counts_over_areas_and_every_metric_has_a_unit():
     assert result.metrics["tls_per_mm2"] == pytest.approx(2 / AREAS["tissue"])
     assert result.metrics["tls_area_fraction"] == pytest.approx(100 * 0.05 / AREAS["tissue"])
     assert result.metrics["percent_necrosis"] == pytest.approx(20.0)
+    assert result.metrics["area_tumor_margin_mm2"] == pytest.approx(TUMOR_MARGIN_MM2)
+    # no necrosis grid: nothing is left out
+    assert result.metrics["n_cells_in_necrosis"] == 0
+    assert all(result.metrics[f"area_{r}_without_necrosis_mm2"] == pytest.approx(areas[r]) for r in METRIC_REGIONS)
     assert result.absent == {}
+
+
+def test_necrosis_is_left_out_of_densities_areas_and_cells():
+    # necrosis: x = 100..300 µm (core) on rows 0..19 (y < 200 µm): 20 x 20 pixels, 0.04 mm²
+    masks, g = grids()
+    necrosis = np.zeros_like(masks["tissue"])
+    necrosis[:20, 10:30] = True
+    masks.update(necrosis=necrosis, tumor_core=np.zeros_like(necrosis), stroma=np.zeros_like(necrosis))
+    masks["tumor_core"][:, :35] = True
+    masks["stroma"][:, 85:] = True
+    # 30 CD8 T cells in the core, 10 of them on the necrosis (y = 100 µm); 5 in the margin
+    x = [200.0] * 30 + [700.0] * 5
+    cells = make_cells(x, ["CD8_T"] * 35)
+    cells.obs["y_um"] = [100.0] * 10 + [300.0] * 25
+    result = slide_metrics(cells, regions_json(), (masks, g), TLS)
+    nec_mm2 = 400 * g * g * 1e-6
+    m = result.metrics
+    assert m["n_cells_in_necrosis"] == 10
+    assert m["area_tumor_core_mm2"] == AREAS["tumor_core"]  # the region's whole area is kept
+    assert m["area_tumor_core_without_necrosis_mm2"] == pytest.approx(AREAS["tumor_core"] - nec_mm2)
+    assert m["area_margin_without_necrosis_mm2"] == pytest.approx(AREAS["margin"])  # no necrosis there
+    assert m["density_CD8_T_tumor_core"] == pytest.approx(20 / (AREAS["tumor_core"] - nec_mm2))
+    assert m["density_CD8_T_tumor"] == pytest.approx(20 / (AREAS["tumor"] - nec_mm2))  # x = 700 is outside the bed
+    assert m["density_CD8_T_tissue"] == pytest.approx(25 / (AREAS["tissue"] - nec_mm2))
+    assert m["density_CD8_T_tumor_margin"] == pytest.approx(25 / (TUMOR_MARGIN_MM2 - nec_mm2))
+    assert m["density_CD8_T_margin"] == pytest.approx(5 / AREAS["margin"])
+    assert m["fraction_CD8_T_tumor_core"] == 100.0  # the 20 viable cells of the core are all CD8 T
+    # a core almost all necrotic carries no density; the class reads the bed instead
+    masks["necrosis"] = masks["tumor_core"].copy()
+    masks["necrosis"][:, 34] = False  # 40 pixels left: 0.004 mm² of the grid core's 0.14 mm²
+    result = slide_metrics(cells, regions_json(areas={"tumor_core": 0.14}), (masks, g), TLS)
+    assert result.metrics["density_CD8_T_tumor_core"] is None
+    assert "< 0.05 mm²" in result.absent["density_CD8_T_tumor_core"]
+    assert "bed CD8" in result.immune_class_reason
+    # necrosis on the grid, but no cell positions: a clear error
+    cells.obs = cells.obs.drop(columns=["x_um"])
+    with pytest.raises(ValueError, match="x_um"):
+        slide_metrics(cells, regions_json(), (masks, g), TLS)
 
 
 def test_an_absent_region_gives_nulls_with_reasons():
     cells = random_cells(1)
     reason = "tumor_core 0.01 mm² < 0.05 mm²"
     result = slide_metrics(cells, regions_json({"tumor_core": reason}, {"tumor_core": 0.01}), grids(), TLS)
-    core = [k for k in result.metrics if k.endswith("_tumor_core") and not k.startswith("area")]
-    assert len(core) == 2 * 7 + 1  # density and fraction per group, the ratio
+    core = [k for k in result.metrics if "_tumor_core" in k and k != "area_tumor_core_mm2"]
+    assert len(core) == 2 * 7 + 2  # density and fraction per group, the ratio, the area without necrosis
     for k in core:
         assert result.metrics[k] is None and reason in result.absent[k] and k in result.units
     assert result.metrics["area_tumor_core_mm2"] == 0.01  # the area is a measurement, kept

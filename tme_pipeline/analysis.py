@@ -4,9 +4,13 @@ Per metric, over the patients with both timepoints (``obs['complete']``), the st
 :mod:`tme_pipeline.analysis_stats` (Wilcoxon signed-rank with zero differences dropped, exact
 for small n; Hodges–Lehmann estimate and interval with its achieved level; matched-pairs
 rank-biserial correlation), then **Benjamini–Hochberg** (:func:`scipy.stats.false_discovery_control`)
-over the metrics tested within one family: the whole cohort (``group == "all"``) and, with
-``group``, each level of that column. Metrics not tested (fewer than 3 complete pairs, all
-differences zero) have NaN p-values with the ``reason`` and are not in the family.
+over the metrics tested within one family. The **primary endpoints** (``analysis.primary_metrics``,
+declared before the data are seen; default the CD8 T-cell density of tumour + margin, the
+issue's "CD8 fold in tumour + margin") are their own family, reported first; every other
+metric is exploratory, BH over all of them. Families are split again by group: the whole
+cohort (``group == "all"``) and, with ``group``, each level of that column. Metrics not tested
+(fewer than 3 complete pairs, all differences zero) have NaN p-values with the ``reason`` and
+are not in the family.
 
 With ``group`` the deltas of the levels are compared per metric (Kruskal–Wallis, or
 Mann–Whitney U for two levels) into ``group_tests.csv``, BH-adjusted across metrics.
@@ -16,6 +20,7 @@ desert or excluded, hot = inflamed) come from ``obs['immune_class_pre'/'_post']`
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -23,12 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
 
 from .analysis_stats import EXACT_MAX_N, MIN_PAIRS, ZERO_METHOD, bh_adjust, paired_test
 from .results import ANALYSIS_DIR, PATIENTS_H5AD
 
-__all__ = ["paired_tests", "group_tests", "transitions", "analyze", "KEY_METRICS", "COLUMNS",
-           "ANALYSIS_DIR"]
+__all__ = ["paired_tests", "group_tests", "transitions", "analyze", "AnalysisConfig", "KEY_METRICS", "COLUMNS",
+           "ANALYSIS_DIR", "PRIMARY", "EXPLORATORY"]
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +43,21 @@ KEY_METRICS = ("density_CD8_T_tumor", "density_CD8_T_margin", "density_lymphocyt
                "tls_count", "tls_per_mm2", "percent_necrosis")
 IMMUNE_CLASSES = ("inflamed", "excluded", "desert")
 COLD, HOT = ("desert", "excluded"), ("inflamed",)
-COLUMNS = ("metric", "unit", "group", "n_pairs", "n_nonzero", "median_pre", "median_post",
+PRIMARY, EXPLORATORY = "primary", "exploratory"
+COLUMNS = ("metric", "unit", "group", "family", "n_pairs", "n_nonzero", "median_pre", "median_post",
            "median_difference", "hl_estimate", "ci_low", "ci_high", "ci_level", "statistic", "p_value",
            "p_adjusted", "rank_biserial", "method", "zero_method", "reason")
+
+
+class AnalysisConfig(BaseModel):
+    """Parameters of :func:`analyze` that a study declares before it sees its data."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    primary_metrics: tuple[str, ...] = Field(
+        ("density_CD8_T_tumor_margin",),
+        description="Pre-declared primary endpoints (metric names): tested as their own Benjamini-Hochberg "
+                    "family and reported first; every other metric is exploratory.")
 
 
 def _check_patients(patients, source: str) -> None:
@@ -73,25 +91,31 @@ def _levels(patients, group: str, source: str) -> tuple[pd.Series, list[str]]:
 
 
 def paired_tests(patients, *, metrics: list[str] | None = None, group: str | None = None,
-                 alpha: float = 0.05, source: str = "patients") -> pd.DataFrame:
+                 alpha: float = 0.05, primary: tuple[str, ...] | list[str] = (),
+                 source: str = "patients") -> pd.DataFrame:
     """Paired tests of every metric, for the cohort and, with ``group``, per level.
 
     Parameters
     ----------
     patients : AnnData, one row per patient, layers ``pre`` and ``post`` (patients x metrics),
         ``obs['complete']``, ``var['unit']`` (the ``patients.h5ad`` contract).
-    metrics : metric names (var names) to test; None: all. They form the BH family.
+    metrics : metric names (var names) to test; None: all.
     group : obs column whose levels are tested separately (e.g. ``"response"``).
     alpha : float, 1 - the nominal confidence level of the Hodges–Lehmann interval.
+    primary : metric names of the primary family (tested even when ``metrics`` leaves them out);
+        the rest of ``metrics`` is the exploratory family.
     source : str, named in errors (the file).
 
     Returns
     -------
-    DataFrame with :data:`COLUMNS`: one row per metric with ``group == "all"``, then one per
-    metric per level of ``group``; ``p_adjusted`` is BH within each group value.
+    DataFrame with :data:`COLUMNS`: per group value (``"all"``, then each level of ``group``)
+    the primary metrics, then the exploratory ones; ``family`` says which; ``p_adjusted`` is
+    BH within each group value and family.
     """
     _check_patients(patients, source)
-    names = _select_metrics(patients, metrics, source)
+    primary = _select_metrics(patients, list(primary), source)
+    names = list(dict.fromkeys([*primary, *_select_metrics(patients, metrics, source)]))
+    family = np.where(np.isin(names, primary), PRIMARY, EXPLORATORY)
     complete = np.asarray(patients.obs["complete"], dtype=bool)
     families = [("all", complete)]
     if group is not None:
@@ -108,7 +132,11 @@ def paired_tests(patients, *, metrics: list[str] | None = None, group: str | Non
         frame.insert(0, "metric", names)
         frame.insert(1, "unit", units)
         frame.insert(2, "group", label)
-        frame["p_adjusted"] = bh_adjust(frame["p_value"].to_numpy())
+        frame.insert(3, "family", family)
+        frame["p_adjusted"] = np.nan
+        for kind in (PRIMARY, EXPLORATORY):
+            rows_k = (family == kind)
+            frame.loc[rows_k, "p_adjusted"] = bh_adjust(frame.loc[rows_k, "p_value"].to_numpy())
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)[list(COLUMNS)]
 
@@ -212,6 +240,11 @@ def _pseudocount(patients, metric: str, unit: str) -> float:
     return float(table.get(metric, table.get(unit, 0.1)))
 
 
+def _primary_first(column: pd.Series) -> pd.Series:
+    """Sort key: the primary family before the exploratory one; other columns as they are."""
+    return column.map({PRIMARY: 0, EXPLORATORY: 1}) if column.name == "family" else column
+
+
 def _plain(value):
     """JSON-ready: NaN -> None, numpy scalars -> Python."""
     if isinstance(value, (float, np.floating)):
@@ -225,8 +258,24 @@ def _records(frame: pd.DataFrame) -> list[dict]:
     return [{k: _plain(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
 
 
+def _declared_primary(out: Path) -> tuple[tuple[str, ...], str]:
+    """The primary endpoints of the run's config (``run.json``), else the default, and where they came from."""
+    from .results import RUN_JSON
+
+    path = out / RUN_JSON
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")).get("config") or {}
+        declared = (config.get("analysis") or {}).get("primary_metrics")
+    except (OSError, ValueError, AttributeError):
+        declared = None
+    if declared is not None:
+        return tuple(str(m) for m in declared), f"{path} (config analysis.primary_metrics)"
+    return AnalysisConfig().primary_metrics, "default (analysis.primary_metrics)"
+
+
 def analyze(out_dir: str | Path, *, group: str | None = None, metrics: list[str] | None = None,
-            alpha: float = 0.05, key_metrics: list[str] | None = None) -> Path:
+            alpha: float = 0.05, key_metrics: list[str] | None = None,
+            primary_metrics: list[str] | None = None) -> Path:
     """Paired pre/post analysis of a results folder's ``patients.h5ad`` into ``OUT/analysis/``.
 
     Parameters
@@ -237,7 +286,12 @@ def analyze(out_dir: str | Path, *, group: str | None = None, metrics: list[str]
     metrics : metric names to test (the BH family); None: every metric.
     alpha : float in (0, 1): the interval is at 1 - alpha; ``significant`` in analysis.json is
         ``p_adjusted < alpha``.
-    key_metrics : metrics drawn as slope plots; None: :data:`KEY_METRICS` (those present).
+    key_metrics : metrics drawn as slope plots; None: the primary ones and :data:`KEY_METRICS`
+        (those present).
+    primary_metrics : the pre-declared primary endpoints (their own BH family, reported first);
+        None: ``analysis.primary_metrics`` of the run's config in ``OUT/run.json``, else
+        :class:`AnalysisConfig`'s default. One the table lacks is left out with a warning and
+        listed in ``analysis.json`` (``primary_missing``).
 
     Returns
     -------
@@ -262,14 +316,23 @@ def analyze(out_dir: str | Path, *, group: str | None = None, metrics: list[str]
     complete = np.asarray(patients.obs["complete"], dtype=bool)
     if not complete.any():
         raise ValueError(f"{source}: no patient has both timepoints done; nothing to pair")
-    names = _select_metrics(patients, metrics, str(source))
-    tests = paired_tests(patients, metrics=names, group=group, alpha=alpha, source=str(source))
+    if primary_metrics is None:
+        declared, primary_source = _declared_primary(out)
+    else:
+        declared, primary_source = tuple(primary_metrics), "argument"
+    primary = [m for m in dict.fromkeys(declared) if m in set(patients.var_names)]
+    primary_missing = [m for m in declared if m not in set(patients.var_names)]
+    if primary_missing:
+        log.warning("analysis: primary metric(s) %s not in %s; left out", primary_missing, source)
+    names = list(dict.fromkeys([*primary, *_select_metrics(patients, metrics, str(source))]))
+    tests = paired_tests(patients, metrics=names, group=group, alpha=alpha, primary=primary, source=str(source))
     between = group_tests(patients, group, metrics=names, source=str(source)) if group else None
     has_classes = {"immune_class_pre", "immune_class_post"} <= set(patients.obs.columns)
     table, cold_to_hot = transitions(patients) if has_classes else (None, None)
     labels, levels = _levels(patients, group, str(source)) if group else (None, [])
     labels = labels.to_numpy() if labels is not None else None
-    keys = [m for m in (key_metrics if key_metrics is not None else KEY_METRICS) if m in names]
+    keys = [m for m in dict.fromkeys(key_metrics if key_metrics is not None else (*primary, *KEY_METRICS))
+            if m in names]
     units = dict(zip(patients.var_names, patients.var["unit"].astype(str)))
     reasons = patients.obs["reason"].astype(str) if "reason" in patients.obs else pd.Series("", patients.obs_names)
     overall = tests[tests["group"] == "all"].set_index("metric")
@@ -297,13 +360,18 @@ def analyze(out_dir: str | Path, *, group: str | None = None, metrics: list[str]
             "parameters": {"group": group, "metrics": metrics, "n_metrics": len(names), "alpha": alpha,
                            "ci_level_nominal": 1.0 - alpha, "zero_method": ZERO_METHOD, "min_pairs": MIN_PAIRS,
                            "exact_max_n": EXACT_MAX_N,
-                           "key_metrics": keys, "adjustment": "Benjamini-Hochberg within each group"},
+                           "key_metrics": keys, "primary_metrics": primary, "primary_source": primary_source,
+                           "adjustment": "Benjamini-Hochberg within each group and family (primary, exploratory)"},
+            "primary_missing": primary_missing,
+            "primary_results": _records(tests[tests["family"] == PRIMARY]),
             "patients": {"n": int(patients.n_obs), "complete": int(complete.sum()),
                          "incomplete": int((~complete).sum()),
                          "excluded": {str(p): reasons[p] for p in patients.obs_names[~complete]}},
             "key_results": _records(overall.loc[keys].reset_index()),
-            "significant": [{"metric": m, "p_adjusted": float(r.p_adjusted), "hl_estimate": float(r.hl_estimate),
-                             "unit": r.unit} for m, r in significant.sort_values("p_adjusted").iterrows()],
+            "significant": [{"metric": m, "family": r.family, "p_adjusted": float(r.p_adjusted),
+                             "hl_estimate": float(r.hl_estimate), "unit": r.unit}
+                            for m, r in significant.sort_values(["family", "p_adjusted"],
+                                                                key=_primary_first).iterrows()],
             "cold_to_hot": cold_to_hot,
             "transitions": None if table is None else {a: {b: int(v) for b, v in r.items()}
                                                       for a, r in table.iterrows()},

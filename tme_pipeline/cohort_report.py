@@ -145,8 +145,8 @@ def _analysis_section(folder: Path) -> list[str]:
              f"with its interval, {esc(params.get('adjustment', 'Benjamini–Hochberg'))}.</p>"]
     tests = folder / "paired_tests.csv"
     if "paired_tests.csv" in files and tests.is_file():
-        frame = pd.read_csv(tests, dtype={c: str for c in ("metric", "unit", "group", "method")})
-        columns = ["metric", "unit", "group", "n_pairs", "median_pre", "median_post", "hl_estimate", "ci_low",
+        frame = pd.read_csv(tests, dtype={c: str for c in ("metric", "unit", "group", "family", "method")})
+        columns = ["metric", "unit", "group", "family", "n_pairs", "median_pre", "median_post", "hl_estimate", "ci_low",
                    "ci_high", "p_value", "p_adjusted", "rank_biserial", "method"]
         columns = [c for c in columns if c in frame.columns]
 
@@ -156,11 +156,14 @@ def _analysis_section(folder: Path) -> list[str]:
                 out.append([_fmt_stat(r[c], c) for c in columns])
             return out
 
-        keys = set(params.get("key_metrics", []))
+        keys = set(params.get("key_metrics", [])) | set(params.get("primary_metrics", []))
         significant = pd.to_numeric(frame.get("p_adjusted"), errors="coerce") < float(params.get("alpha", 0.05))
         first = frame[(frame["metric"].isin(keys) & (frame["group"] == "all")) | significant]
-        numeric = [k for k, c in enumerate(columns) if c not in ("metric", "unit", "group", "method")]
-        parts += ["<h3>Key and significant metrics</h3>", html_table(columns, rows(first), numeric=numeric),
+        numeric = [k for k, c in enumerate(columns) if c not in ("metric", "unit", "group", "family", "method")]
+        primary = ", ".join(params.get("primary_metrics", [])) or "none"
+        parts += ["<h3>Key and significant metrics</h3>",
+                  f'<p class="note">Primary endpoint(s), declared in the config before the analysis and '
+                  f"adjusted as their own family: {esc(primary)}; the rest are exploratory.</p>", html_table(columns, rows(first), numeric=numeric),
                   f"<details><summary>All {len(frame)} tests</summary>"
                   f"{html_table(columns, rows(frame), numeric=numeric)}"
                   "</details>"]

@@ -12,6 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .analysis import AnalysisConfig
 from .metrics import MetricsConfig
 from .regions import RegionsConfig
 from .report import ReportConfig
@@ -242,6 +243,7 @@ class Config(_Strict):
     tls: TLSConfig = TLSConfig()
     regions: RegionsConfig = RegionsConfig()
     metrics: MetricsConfig = MetricsConfig()
+    analysis: AnalysisConfig = AnalysisConfig()
     report: ReportConfig = ReportConfig()
     run: RunConfig = RunConfig()
 

@@ -1,11 +1,27 @@
 """Per-slide metrics with units: areas, densities by region, TLS, PD-L1, the infiltration profile, the immune class.
 
-Every metric is a float or None; None always comes with a reason in ``absent``. Densities are
-cells per mm² of a region's area from ``regions.json`` (a region too small to carry a density
-is absent there, and every metric over it is None here). A cell's region is ``obs['region']``
-(``tumor_core`` / ``margin`` / ``stroma``); ``tumor`` is ``obs['in_tumor']`` (the bed) and
-``tissue`` all cells. Groups are the slide's phenotypes, matched by exact name, plus
-``t_cells`` and ``lymphocytes`` (lists of phenotype names in the config).
+Every metric is a float or None; None always comes with a reason in ``absent``. A cell's
+region is ``obs['region']`` (``tumor_core`` / ``margin`` / ``stroma``); ``tumor`` is
+``obs['in_tumor']`` (the bed), ``tumor_margin`` the bed and its margin band together (the
+bed plus the margin's outer half: the "tumour + margin" of the Immunoscore and of the trial's
+CD8 fold) and ``tissue`` all cells. Groups are the slide's phenotypes, matched by exact name,
+plus ``t_cells`` and ``lymphocytes`` (lists of phenotype names in the config).
+
+Densities over viable tissue
+----------------------------
+``density_<group>_<region>`` is cells per mm² of the region's **viable** part: necrosis
+(``regions.npz``'s ``necrosis`` grid) is left out of both the area and the cells (a cell whose
+centre lies on a necrotic grid pixel counts nowhere); ``fraction_`` and ``ratio_`` are over the
+same cells. This is how pathologists score lymphocytes: the TIL working group excludes necrosis
+and crush artefact (Salgado et al., Ann Oncol 2015;26:259-271; Hendry et al., Adv Anat Pathol
+2017;24:235-251), and the Immunoscore counts in tumour and margin, not in necrotic areas. It is
+also what the measurement can stand behind: necrotic debris is where false lymphocyte calls
+gather. One definition, not a parallel ``_viable`` set, so that no analyst compares a
+necrosis-diluted density with a viable one by mistake. The areas are kept beside them:
+``area_<region>_mm2`` the whole region (``regions.json``), ``area_<region>_without_necrosis_mm2``
+the densities' denominator, ``n_cells_in_necrosis`` the cells left out. A region absent in
+``regions.json`` (too small), or whose viable part is under ``min_viable_area_mm2``, carries
+no density (None, with the reason).
 
 Immune phenotype (``immune_class``)
 -----------------------------------
@@ -65,9 +81,10 @@ logger = logging.getLogger(__name__)
 
 METRICS_FORMAT = 1
 #: Regions every density, fraction and ratio is computed over.
-METRIC_REGIONS = ("tissue", "tumor", "tumor_core", "margin", "stroma")
+METRIC_REGIONS = ("tissue", "tumor", "tumor_core", "margin", "stroma", "tumor_margin")
 _CELL_REGIONS = ("tumor_core", "margin", "stroma")
 _REGION_WORDS = {"tissue": "tissue", "tumor": "tumour bed", "tumor_core": "tumour core", "margin": "invasive margin",
+                 "tumor_margin": "tumour bed and invasive margin",
                  "stroma": "stroma", "viable_tumor": "viable tumour", "necrosis": "necrosis", "fibrosis": "fibrosis"}
 _MM2_PER_UM2 = 1e-6
 
@@ -90,6 +107,8 @@ class MetricsConfig(BaseModel):
                                                description="Phenotype names (exact) of the CPS's immune cells.")
     min_viable_tumor_cells: int = Field(100, ge=1, description="Fewest viable tumour cells (count) for TPS and CPS.")
     min_nucleus_um2: float = Field(15.0, ge=0, description="Smallest viable tumour nucleus (µm²); less is debris.")
+    min_viable_area_mm2: float = Field(0.05, ge=0, description="A region whose viable (non-necrotic) part is "
+                                       "smaller carries no density (mm²); as regions.min_region_area_mm2.")
     inflamed_core_cd8_per_mm2: float = Field(100.0, ge=0, description="Inflamed: core CD8 density above (cells/mm²).")
     excluded_margin_cd8_per_mm2: float = Field(200.0, ge=0,
                                                description="Excluded: margin CD8 density above (cells/mm²).")
@@ -195,11 +214,14 @@ def slide_metrics(cells, regions: Mapping, region_grids: tuple[Mapping[str, np.n
     ----------
     cells : AnnData, n_cells rows
         ``cells.h5ad``: obs ``phenotype``, ``region``, ``in_tumor``, ``border_distance_um`` (µm),
-        ``nucleus_area_um2`` (µm², optional) and ``<pdl1_marker>_pos`` (optional).
+        ``x_um``, ``y_um`` (µm; needed when the grids hold necrosis), ``nucleus_area_um2`` (µm²,
+        optional) and ``<pdl1_marker>_pos`` (optional).
     regions : dict
         ``regions.json``: ``areas_mm2`` (mm²), ``percent_necrosis``, ``percent_viable_tumor``, ``absent``.
     region_grids : (masks, grid_um)
-        ``masks`` ``{name: (H, W) bool}`` with at least ``tissue`` and ``tumor``; ``grid_um`` the grid pixel (µm).
+        ``masks`` ``{name: (H, W) bool}`` with at least ``tissue`` and ``tumor``, and ``margin`` and
+        ``necrosis`` as ``regions.npz`` has them (without ``margin`` there is no ``tumor_margin``,
+        without ``necrosis`` nothing is left out); ``grid_um`` the grid pixel (µm).
     tls : dict
         ``tls.json``: ``count``, ``counts`` by maturity, ``tls`` rows with ``area_um2`` (µm²).
     config : MetricsConfig
@@ -224,6 +246,10 @@ def slide_metrics(cells, regions: Mapping, region_grids: tuple[Mapping[str, np.n
     if not {"tissue", "tumor"} <= set(masks):
         raise ValueError(f"region grids lack 'tissue' or 'tumor' (have {sorted(masks)})")
 
+    necrosis = np.asarray(masks["necrosis"], bool) if "necrosis" in masks else None
+    if necrosis is not None and necrosis.any() and not {"x_um", "y_um"} <= set(obs.columns):
+        raise ValueError("cells.obs lacks x_um / y_um, needed to leave the cells in necrosis out of the densities")
+
     phen = obs["phenotype"]
     names = [str(c) for c in (phen.cat.categories if isinstance(phen.dtype, pd.CategoricalDtype)
                                else sorted(phen.astype(str).unique())) if str(c) != "other"]
@@ -232,29 +258,40 @@ def slide_metrics(cells, regions: Mapping, region_grids: tuple[Mapping[str, np.n
     region = obs["region"].astype(str).to_numpy()
     in_tumor = obs["in_tumor"].to_numpy(bool)
     members = {"tissue": np.ones(len(obs), bool), "tumor": in_tumor,
-               **{r: region == r for r in _CELL_REGIONS}}
+               **{r: region == r for r in _CELL_REGIONS}, "tumor_margin": in_tumor | (region == "margin")}
     areas = {k: regions["areas_mm2"].get(k) for k in REGION_KEYS}
     region_absent = dict(regions.get("absent") or {})
+    in_necrosis = _cells_on(necrosis, obs, grid_um)
+    members = {r: m & ~in_necrosis for r, m in members.items()}
+    viable_areas, viable_absent, whole_tm = _viable_areas(areas, masks, necrosis, grid_um, region_absent, config)
 
     t = _Table()
     t.put("n_cells", len(obs), "count", "cells detected on the slide")
+    t.put("n_cells_in_necrosis", int(in_necrosis.sum()), "count",
+          "cells whose centre lies in necrosis, left out of every density, fraction and ratio")
     for k in REGION_KEYS:
         t.put(f"area_{k}_mm2", areas[k], "mm2", f"area of the {_REGION_WORDS[k]}", None if areas[k] is not None
               else f"regions.json has no area for {k}")
+    t.put("area_tumor_margin_mm2", whole_tm, "mm2", f"area of the {_REGION_WORDS['tumor_margin']}",
+          None if whole_tm is not None else viable_absent.get("tumor_margin", "no tumour bed"))
+    for r in METRIC_REGIONS:
+        t.put(f"area_{r}_without_necrosis_mm2", viable_areas[r], "mm2",
+              f"area of the {_REGION_WORDS[r]} without necrosis: the denominator of its densities",
+              None if viable_areas[r] is not None else viable_absent.get(r, f"{r} has no area"))
     # One bincount per region over phenotype codes; groups are sums of their phenotypes' rows.
     codes = pd.Categorical(phen, categories=names).codes
     per_region = {r: np.bincount(codes[m & (codes >= 0)], minlength=len(names)) for r, m in members.items()}
     totals = {r: int(m.sum()) for r, m in members.items()}
     for r in METRIC_REGIONS:
-        why = _region_reason(r, areas.get(r), region_absent)
+        why = viable_absent.get(r)
         for g, idx in groups.items():
             n = int(per_region[r][idx].sum()) if idx else 0
             gwhy = why or (None if idx else f"no phenotype of group {g} on this slide")
-            t.put(f"density_{g}_{r}", None if gwhy else n / areas[r], "cells/mm2",
-                  f"{g} cells per mm² of {_REGION_WORDS[r]}", gwhy)
+            t.put(f"density_{g}_{r}", None if gwhy else n / viable_areas[r], "cells/mm2",
+                  f"{g} cells per mm² of viable {_REGION_WORDS[r]} (necrosis left out)", gwhy)
             fwhy = gwhy or (None if totals[r] else f"no cells in {r}")
             t.put(f"fraction_{g}_{r}", None if fwhy else 100.0 * n / totals[r], "%",
-                  f"{g} cells as % of all cells in {_REGION_WORDS[r]}", fwhy)
+                  f"{g} cells as % of all cells in viable {_REGION_WORDS[r]}", fwhy)
         _ratio(t, r, why, per_region[r], names, config)
     _tls_metrics(t, tls, areas.get("tissue"), region_absent)
     for k in ("percent_necrosis", "percent_viable_tumor"):
@@ -286,6 +323,64 @@ def _groups(names: list[str], config: MetricsConfig) -> tuple[dict[str, list[int
             warnings.append(f"metrics.{g} names {unknown}, which are not phenotypes of the slide ({names})")
         groups[g] = [names.index(p) for p in listed if p in names]
     return groups, warnings
+
+
+def _cells_on(mask: np.ndarray | None, obs: pd.DataFrame, grid_um: float) -> np.ndarray:
+    """Cells whose centre lies on a True pixel of ``mask`` (the grid lookup of ``regions``); none without a mask."""
+    if mask is None or not mask.any():
+        return np.zeros(len(obs), bool)
+    ii = np.clip((obs["y_um"].to_numpy(np.float64) / grid_um).astype(np.int64), 0, mask.shape[0] - 1)
+    jj = np.clip((obs["x_um"].to_numpy(np.float64) / grid_um).astype(np.int64), 0, mask.shape[1] - 1)
+    return mask[ii, jj]
+
+
+def _viable_areas(areas: Mapping[str, float | None], masks: Mapping[str, np.ndarray], necrosis: np.ndarray | None,
+                  grid_um: float, region_absent: Mapping[str, str],
+                  config: MetricsConfig) -> tuple[dict[str, float | None], dict[str, str], float | None]:
+    """Each metric region's area without necrosis (mm²), why a region carries no density, and
+    the whole area of ``tumor_margin`` (mm², None without it).
+
+    The whole area is ``regions.json``'s; the necrosis in it is counted on the grid (both come
+    from the same grid in ``regions``). ``tumor_margin`` (bed or margin) is not in
+    ``regions.json``: its area is counted on the grid, and it is absent with the bed.
+    """
+    px_mm2 = grid_um * grid_um * _MM2_PER_UM2
+    nec = necrosis if necrosis is not None else np.zeros(np.shape(masks["tissue"]), bool)
+    out: dict[str, float | None] = {}
+    absent: dict[str, str] = {}
+    whole = dict(areas)
+    if "margin" in masks:
+        union = (np.asarray(masks["tumor"], bool) | np.asarray(masks["margin"], bool)) & np.asarray(masks["tissue"], bool)
+        whole["tumor_margin"] = float(union.sum()) * px_mm2 if areas.get("tumor") else None
+    else:
+        whole["tumor_margin"] = None
+        absent["tumor_margin"] = "regions.npz has no margin grid"
+    if "tumor_margin" not in absent:
+        why_bed = _region_reason("tumor", areas.get("tumor"), region_absent)
+        if why_bed:
+            absent["tumor_margin"] = why_bed
+    whole_tm = None if "tumor_margin" in absent else whole["tumor_margin"]
+    for r in METRIC_REGIONS:
+        why = absent.get(r) or _region_reason(r, whole.get(r), region_absent)
+        if why:
+            absent[r] = why
+            out[r] = None
+            continue
+        if r == "tumor_margin":
+            inside = union
+        elif r in masks:
+            inside = np.asarray(masks[r], bool)
+        elif nec.any():
+            raise ValueError(f"region grids lack {r!r}, needed to take the necrosis out of its area "
+                             f"(have {sorted(masks)})")
+        else:
+            inside = None
+        lost = float((inside & nec).sum()) * px_mm2 if inside is not None else 0.0
+        out[r] = max(0.0, whole[r] - lost)
+        if out[r] < config.min_viable_area_mm2:
+            absent[r] = (f"{r} without necrosis {out[r]:.3g} mm² < {config.min_viable_area_mm2:g} mm² "
+                         f"(metrics.min_viable_area_mm2)")
+    return out, absent, whole_tm
 
 
 def _region_reason(r: str, area: float | None, region_absent: Mapping[str, str]) -> str | None:
