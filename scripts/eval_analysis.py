@@ -13,7 +13,11 @@ shared file), ``tme run`` brings COPY up to date (only stale stages run), and
 ``patients.h5ad`` built from ``C/truth/<slide>/metrics.json`` (the generator's own counts;
 names mapped to the pipeline's, e.g. ``density_cd8_t_tumor`` -> ``density_CD8_T_tumor``;
 the truth's immune class uses the tumour compartment's CD8 density for the core, thresholds
-100 / 200 CD8/mm² as the metrics config's defaults), and is analysed the same way.
+100 / 200 CD8/mm² as the metrics config's defaults), plus the primary endpoint
+``density_CD8_T_tumor_margin`` computed from the truth's grid and cells with the metrics'
+definition (viable bed + margin, ``eval_metrics.truth_densities``), and is analysed the same way.
+``--no-update`` analyses RESULTS' copy as it is (no ``tme run``), e.g. after re-running only the
+metrics stage and the cohort tables.
 
 The planted effect (``tme_pipeline/synth/condition.py``): post-treatment CD8 density in tumour
 and margin x3 (responders), x1.8 (partial), x1.15 (non-responders). Null metrics: the CD4 T
@@ -33,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-EFFECT = ("density_CD8_T_tumor", "density_CD8_T_margin", "density_CD8_T_tumor_core")
+EFFECT = ("density_CD8_T_tumor_margin", "density_CD8_T_tumor", "density_CD8_T_margin", "density_CD8_T_tumor_core")
 NULL = ("density_CD4_T_tumor_core", "pdl1_tps", "density_CD4_T_tumor", "fraction_pdl1_pos_tumor")
 GROUPS = {"cd8_t": "CD8_T", "cd4_t": "CD4_T", "treg": "Treg", "b_cell": "B", "t_cell": "t_cells", "tumor": "tumor"}
 PSEUDO = {"cells/mm2": 1.0, "%": 0.1, "count": 0.5, "mm2": 0.001, "ratio": 0.1, "1/mm2": 0.1}
@@ -84,6 +88,17 @@ def truth_patients(cohort: Path):
         slide[tp] = [rows.loc[p, "slide_id"] for p in patients]
         layers[tp] = np.array([[np.nan if truth[s][k] is None else truth[s][k] * mapped[k][2] for k in mapped]
                                for s in slide[tp]], np.float64)
+    from eval_metrics import truth_densities
+
+    from tme_pipeline.config import load_config
+
+    min_core = load_config().regions.min_region_area_mm2
+    names.append("density_CD8_T_tumor_margin")
+    units.append("cells/mm2")
+    for tp in ("pre", "post"):
+        extra = [truth_densities(cohort / "truth" / sid, margin_um=250.0, min_core_mm2=min_core)["density"]
+                 ["CD8_T_tumor_margin"] for sid in slide[tp]]
+        layers[tp] = np.column_stack([layers[tp], np.array([np.nan if v is None else v for v in extra])])
     c = np.array([PSEUDO[u] for u in units])
     layers["delta"] = layers["post"] - layers["pre"]
     layers["log2_fold_change"] = np.log2((layers["post"] + c) / (layers["pre"] + c))
@@ -121,6 +136,8 @@ def summarise(folder: Path) -> dict:
         "null": rows(NULL),
         "n_metrics": int(len(overall)),
         "n_significant": int((overall["p_adjusted"] < 0.05).sum()),
+        "primary": summary["parameters"].get("primary_metrics"),
+        "primary_results": summary.get("primary_results"),
         "significant": [r["metric"] for r in summary["significant"]],
         "transitions": summary["transitions"],
         "cold_to_hot": summary["cold_to_hot"],
@@ -158,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=None, help="a finished tme run of the cohort (read-only)")
     ap.add_argument("--work", type=Path, required=True, help="folder analysed: a hard-linked copy, or the truth's")
     ap.add_argument("--group", default="response")
+    ap.add_argument("--no-update", action="store_true", help="analyse the copy as it is: no tme run")
     ap.add_argument("--out", type=Path, required=True, help="JSON to write")
     args = ap.parse_args(argv)
     from tme_pipeline.analysis import analyze
@@ -169,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             # A hard-linked lock file is the same inode: its flock would tie the copy to the
             # original's (and every other copy's) runs.
             (args.work / LOCK_FILE).unlink(missing_ok=True)
-        tme = Path(sys.executable).with_name("tme")
-        subprocess.run([str(tme), "run", str(args.cohort / "manifest.csv"), "--out", str(args.work)], check=True)
+        if not args.no_update:
+            tme = Path(sys.executable).with_name("tme")
+            subprocess.run([str(tme), "run", str(args.cohort / "manifest.csv"), "--out", str(args.work)], check=True)
         mode = "pipeline"
     else:
         args.work.mkdir(parents=True, exist_ok=True)
@@ -187,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         for m, by in result[kind].items():
             a = by["all"]
             print(f"{kind:<6} {m:<28} n={a['n_pairs']} HL {a['hl_estimate']:.4g} [{a['ci_low']:.4g}, {a['ci_high']:.4g}] "
-                  f"p={a['p_value']:.4g} BH p (all metrics) {a['p_adjusted']:.4g}, (key family) {key.get(m, float('nan')):.4g}; "
+                  f"p={a['p_value']:.4g} BH p (its family) {a['p_adjusted']:.4g}, (key family) {key.get(m, float('nan')):.4g}; "
                   f"median log2 fold by group {result['median_log2fc_by_group'].get(m)}")
     return 0
 

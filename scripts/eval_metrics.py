@@ -20,7 +20,8 @@ groups over tumor, margin and stroma, where both exist and the truth region hold
 chance); per patient the post/pre CD8 fold in tumour + margin (ours: ``density_CD8_T_tumor_margin``;
 truth: the same on the truth grid), our fold over the truth's; PD-L1 TPS against the truth's % of viable tumour cells PD-L1+ (points); the immune
 class against the class :func:`tme_pipeline.metrics.immune_class` gives on the truth densities
-(the truth core counts as absent under ``regions.min_region_area_mm2``); with the manifest's
+(the truth core counts as absent under ``regions.min_region_area_mm2``), also over the slides
+whose deciding truth density is more than 10 % from its cut-off (``_near_cutoff``); with the manifest's
 ``response`` column, the Spearman correlation of CD8 fold with non_responder <
 partial_responder < responder and the medians per class.
 
@@ -134,6 +135,7 @@ def score(cohort: Path, results_dir: Path, *, margin_um: float, min_truth_cells:
                          "fold_rel_error": None if ours is None or not exact else ours / exact - 1.0})
     pat = pd.DataFrame(patients)
     agree = by_slide["immune_class"].astype(str) == by_slide["truth_immune_class"].astype(str)
+    near = by_slide.apply(_near_cutoff, axis=1)
     summary = {
         "n_slides": len(by_slide), "n_density_pairs": len(errs),
         "density_median_abs_rel_error": _median(errs["rel_error"].abs()) if len(errs) else None,
@@ -149,6 +151,9 @@ def score(cohort: Path, results_dir: Path, *, margin_um: float, min_truth_cells:
         "tps_median_abs_error_points": _median((by_slide["pdl1_tps"].astype(float)
                                                 - by_slide["truth_pdl1_tps"].astype(float)).abs()),
         "class_agreement": float(agree.mean()) if len(by_slide) else None,
+        "class_agreement_away_from_cutoffs": float(agree[~near].mean()) if (~near).any() else None,
+        "n_slides_near_cutoffs": int(near.sum()),
+        "class_misses_near_cutoffs": [str(s) for s in by_slide.index[~agree & near]],
         "class_confusion": pd.crosstab(by_slide["truth_immune_class"].astype(str),
                                        by_slide["immune_class"].astype(str)).to_dict(),
     }
@@ -156,6 +161,22 @@ def score(cohort: Path, results_dir: Path, *, margin_um: float, min_truth_cells:
         summary["ranking"] = _ranking(pat)
     return {"summary": summary, "patients": patients, "slides": slides,
             "params": {"margin_um": margin_um, "min_truth_cells": min_truth_cells, "truth_min_core_mm2": min_core}}
+
+
+def _near_cutoff(slide: pd.Series, *, within: float = 0.10) -> bool:
+    """Whether a truth density that decides the slide's class lies within ``within`` (relative)
+    of its cut-off: the core's (the bed's without a core) against the inflamed cut-off, and, for a
+    core under it, the margin's against the excluded cut-off. There a measurement error of that
+    size flips the class whatever the rule."""
+    config = load_config().metrics
+    core = slide["class_cd8"]["tumor_core"]["truth"]
+    if core is None or "core missing" in str(slide["truth_immune_class_reason"]):
+        core = slide["class_cd8"]["tumor"]["truth"]
+    margin = slide["class_cd8"]["margin"]["truth"]
+    hot, cold = config.inflamed_core_cd8_per_mm2, config.excluded_margin_cd8_per_mm2
+    if core is not None and abs(core / hot - 1.0) <= within:
+        return True
+    return bool(core is not None and core <= hot and margin is not None and abs(margin / cold - 1.0) <= within)
 
 
 def _fold(post, pre) -> float | None:
