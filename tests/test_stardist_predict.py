@@ -1,4 +1,6 @@
 import pickle
+import threading
+import time
 import subprocess
 import sys
 
@@ -254,3 +256,52 @@ def test_threads_sharing_a_fresh_model_get_the_sequential_result(tiny_model, nuc
                                                              device="cpu"), range(4)))
         for labels in results:
             np.testing.assert_array_equal(labels, expected)
+
+
+class _CountingNet(torch.nn.Module):
+    """Wraps a net; records how many forward passes run at once, and can make each
+    pass wait at a barrier so that only concurrently admitted passes get through."""
+
+    def __init__(self, net, barrier=None):
+        super().__init__()
+        self.net, self.barrier = net, barrier
+        self.running = self.most = 0
+        self.lock = threading.Lock()
+
+    def forward(self, x):
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            if self.barrier is not None:
+                self.barrier.wait(timeout=10)
+            else:
+                time.sleep(0.02)  # widens the window in which a second pass could enter
+            return self.net(x)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+@pytest.mark.parametrize("bound", [1, 2])
+def test_concurrent_passes_bounds_forward_passes_across_threads(tiny_model, nuclei, bound):
+    from concurrent.futures import ThreadPoolExecutor
+
+    image, _ = nuclei
+    thr = _thresh_with_objects(tiny_model, image)
+    expected = segment_nuclei(image, 0.5, model=tiny_model, prob_thresh=thr, device="cpu")
+    # Bound 1: four threads, several patches each, never two passes at once. Bound 2: two
+    # threads of one pass each must both be inside their pass to pass the barrier (with
+    # one slot it would break), so the second slot is really granted.
+    n_threads, tile_px = (4, 64) if bound == 1 else (2, None)
+    net = _CountingNet(tiny_model.net, threading.Barrier(2) if bound == 2 else None)
+    model = StarDistModel(net=net, config=tiny_model.config, thresholds=tiny_model.thresholds, sha256="")
+    with ThreadPoolExecutor(n_threads) as pool:
+        results = list(pool.map(lambda _: segment_nuclei(image, 0.5, model=model, prob_thresh=thr, device="cpu",
+                                                         tile_px=tile_px, concurrent_passes=bound),
+                                range(n_threads)))
+    assert net.most == bound
+    for labels in results:
+        assert match_labels(expected, labels, iou_threshold=0.9).f1 == 1.0
+    with pytest.raises(ValueError, match="concurrent passes"):
+        segment_nuclei(image, 0.5, model=tiny_model, device="cpu", concurrent_passes=0)

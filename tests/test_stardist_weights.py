@@ -180,3 +180,35 @@ def test_keras_not_hdf5(tmp_path):
     (folder / "weights_best.h5").write_bytes(b"not hdf5")
     with pytest.raises(ValueError, match=r"weights_best\.h5: not an HDF5 file"):
         load_model(folder)
+
+
+def test_cached_model_loads_a_folder_once_per_process(tmp_path, monkeypatch):
+    import pickle
+
+    from tme_pipeline.segment import weights as weights_module
+    from tme_pipeline.segment.predict import make_tile_segmenter
+
+    save_model(tmp_path / "m", _net(), SMALL, Thresholds(0.5, 0.4))
+    reads = []
+    read = weights_module._read_torch_state
+    monkeypatch.setattr(weights_module, "_read_torch_state", lambda f: reads.append(f) or read(f))
+    blob = pickle.dumps(make_tile_segmenter(tmp_path / "m", pixel_um=0.5, norm=(0.0, 1.0), device="cpu"))
+    # Two tile tasks of one worker process, each unpickling its own segmenter.
+    first, second = pickle.loads(blob), pickle.loads(blob)
+    assert first.model() is second.model()
+    assert weights_module.cached_model(tmp_path / "m") is first.model()
+    assert len(reads) == 1
+    # Another pixel size is another model; a rewritten weights file is read again.
+    assert weights_module.cached_model(tmp_path / "m", pixel_um=0.25).config.pixel_um == 0.25
+    save_model(tmp_path / "m", _net(seed=1), SMALL, Thresholds(0.5, 0.4))
+    fresh = weights_module.cached_model(tmp_path / "m")
+    assert fresh is not first.model() and fresh.sha256 != first.model().sha256
+    assert len(reads) == 3
+
+
+def test_cached_model_refuses_other_weights_than_pinned(tmp_path):
+    from tme_pipeline.segment.weights import cached_model
+
+    save_model(tmp_path / "m", _net(), SMALL, Thresholds(0.5, 0.4))
+    with pytest.raises(ValueError, match=r"m: weights changed.*sha256"):
+        cached_model(tmp_path / "m", sha256="0" * 64)

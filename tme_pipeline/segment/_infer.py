@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .weights import StarDistModel
 
 __all__ = ["InferenceSettings", "cpu_has_native_bf16", "exact_fp32_convolutions", "inference_settings",
-           "keep_freed_host_memory", "run_net"]
+           "keep_freed_host_memory", "pass_slots", "run_net"]
 
 logger = logging.getLogger(__name__)
 
@@ -200,8 +200,42 @@ def _prepare(net: "torch.nn.Module", settings: InferenceSettings) -> "torch.nn.M
     return net
 
 
+# One semaphore per bound, for the whole process: the tiles' passes come from Dask's
+# threads, each with its own segmenter (a distributed worker unpickles one per task), so
+# only a process-wide object can bound them.
+_SLOTS: dict[int, threading.BoundedSemaphore] = {}
+_SLOTS_LOCK = threading.Lock()
+
+
+def pass_slots(n: int) -> threading.BoundedSemaphore:
+    """The process's semaphore admitting ``n`` concurrent forward passes.
+
+    A pass on a 1184² tile window holds ~0.7 GB of activations; two tiles' passes
+    overlapping at their peaks set a slide's peak memory, and became likelier the
+    more tiles a slide has (``docs/benchmarks.md``). With one slot, one pass runs
+    at a time on all of torch's threads while the other Dask threads threshold,
+    suppress and render other tiles, so peak memory no longer depends on chance
+    or on the slide's size.
+
+    Parameters
+    ----------
+    n : int
+        Passes admitted at once, >= 1.
+
+    Returns
+    -------
+    threading.BoundedSemaphore
+        The same object for the same ``n`` in this process.
+    """
+    if not n >= 1:
+        raise ValueError(f"concurrent passes must be >= 1, got {n}")
+    with _SLOTS_LOCK:
+        return _SLOTS.setdefault(int(n), threading.BoundedSemaphore(int(n)))
+
+
 def run_net(
-    x: np.ndarray, model: "StarDistModel", settings: InferenceSettings, tile_px: int | None, batch_size: int | None
+    x: np.ndarray, model: "StarDistModel", settings: InferenceSettings, tile_px: int | None, batch_size: int | None,
+    *, concurrent_passes: int | None = None,
 ) -> Iterator[tuple[tuple[int, int], "torch.Tensor", "torch.Tensor"]]:
     """Net output patch by patch.
 
@@ -219,6 +253,9 @@ def run_net(
         when batched, so that they stack.
     batch_size : int, optional
         Windows per forward pass; default 4 on CUDA, 1 on CPU.
+    concurrent_passes : int, optional
+        Each forward pass waits for one of :func:`pass_slots` ``(concurrent_passes)``;
+        ``None``: no bound.
 
     Yields
     ------
@@ -267,6 +304,7 @@ def run_net(
         exact_fp32_convolutions()
     autocast = (torch.autocast(dev_type, dtype=getattr(torch, settings.autocast_dtype))
                 if settings.autocast_dtype else contextlib.nullcontext())
+    slots = pass_slots(concurrent_passes) if concurrent_passes is not None else contextlib.nullcontext()
     with torch.inference_mode(), autocast:
         for b0 in range(0, len(windows), batch_size):
             batch = windows[b0:b0 + batch_size]
@@ -277,7 +315,9 @@ def run_net(
             t = host.to(settings.device, non_blocking=settings.non_blocking)
             if settings.channels_last:
                 t = t.contiguous(memory_format=torch.channels_last)
-            prob, dist = net(t)
+            with slots:
+                prob, dist = net(t)
+            del t, host
             for k, (wy, wx) in enumerate(batch):
                 sl = [slice((c0 - w0) // g, (c1 - w0) // g) for (w0, _, c0, c1), g in zip((wy, wx), grid)]
                 yield ((wy[2] // grid[0], wx[2] // grid[1]),

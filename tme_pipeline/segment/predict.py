@@ -118,6 +118,7 @@ def segment_nuclei(
     batch_size: int | None = None,
     tile_px: int | None = None,
     n_threads: int | None = None,
+    concurrent_passes: int | None = 1,
 ) -> np.ndarray:
     """Nuclei of one 2-D image as a label image.
 
@@ -150,6 +151,11 @@ def segment_nuclei(
         ones in one pass; the result does not depend on it.
     n_threads : int, optional
         Calls ``torch.set_num_threads`` when given.
+    concurrent_passes : int or None
+        At most this many forward passes run at once in this process, whichever
+        thread calls (see :func:`tme_pipeline.segment._infer.pass_slots`); the
+        rest of the work (thresholding, NMS, rendering) is not bounded.
+        ``None``: no bound.
 
     Returns
     -------
@@ -187,7 +193,7 @@ def segment_nuclei(
     settings = inference_settings(device, precision=precision)
     thr = model.thresholds.prob if prob_thresh is None else float(prob_thresh)
     nms = model.thresholds.nms if nms_thresh is None else float(nms_thresh)
-    prob, dist, points = _candidates(x, model, settings, thr, tile_px, batch_size)
+    prob, dist, points = _candidates(x, model, settings, thr, tile_px, batch_size, concurrent_passes)
     if len(prob) == 0:
         return labels
     points, prob, dist, _ = non_maximum_suppression_sparse(dist, prob, points, nms_thresh=nms)
@@ -217,14 +223,14 @@ def _resample(x: np.ndarray, pixel_um: float, model_pixel_um: float | None) -> t
     return out, (shape[0] / x.shape[0], shape[1] / x.shape[1])
 
 
-def _candidates(x, model, settings, prob_thresh, tile_px, batch_size):
+def _candidates(x, model, settings, prob_thresh, tile_px, batch_size, concurrent_passes):
     """Sparse net output: (prob (n,), dist (n, n_rays), points (n, 2) input px), raster order."""
     import torch
 
     g = np.asarray(model.config.grid)
     hp, wp = (-(-n // d) * d // gd for n, d, gd in zip(x.shape, model.config.div_by, g))
     probs, dists, idx = [], [], []
-    for (oy, ox), p, d in run_net(x, model, settings, tile_px, batch_size):
+    for (oy, ox), p, d in run_net(x, model, settings, tile_px, batch_size, concurrent_passes=concurrent_passes):
         # Threshold on the device: only candidates cross to the host.
         iy, ix = torch.nonzero(p > prob_thresh, as_tuple=True)
         probs.append(p[iy, ix].cpu().numpy())
@@ -247,7 +253,8 @@ class TileSegmenter:
     """Picklable per-tile segmenter for the tiling stage: ``labels = seg(tile)``.
 
     Holds the model's folder, not the model: each worker process loads it
-    once, on first call, and keeps it on this instance. Build it with
+    once, on first call (:func:`tme_pipeline.segment.weights.cached_model`),
+    and every segmenter unpickled there shares it. Build it with
     :func:`make_tile_segmenter`.
     """
 
@@ -263,6 +270,7 @@ class TileSegmenter:
     n_threads: int | None = None
     model_pixel_um: float | None = None
     sha256: str | None = None
+    concurrent_passes: int | None = 1
     _model: "StarDistModel | None" = field(default=None, init=False, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
@@ -271,14 +279,11 @@ class TileSegmenter:
         return state
 
     def model(self) -> "StarDistModel":
-        """The model, loaded on first use in this process."""
+        """The model: loaded once per process and shared by every segmenter unpickled in it."""
         if self._model is None:
-            from .weights import load_model
+            from .weights import cached_model
 
-            m = load_model(self.model_path, pixel_um=self.model_pixel_um)
-            if self.sha256 is not None and m.sha256 != self.sha256:
-                raise ValueError(f"{self.model_path}: weights changed since the segmenter was made (sha256 differs)")
-            self._model = m
+            self._model = cached_model(self.model_path, pixel_um=self.model_pixel_um, sha256=self.sha256)
         return self._model
 
     def __call__(self, tile: np.ndarray) -> np.ndarray:
@@ -286,7 +291,8 @@ class TileSegmenter:
         return segment_nuclei(tile, self.pixel_um, model=self.model(), prob_thresh=self.prob_thresh,
                               nms_thresh=self.nms_thresh, norm=self.norm, device=self.device,
                               precision=self.precision,
-                              batch_size=self.batch_size, tile_px=self.tile_px, n_threads=self.n_threads)
+                              batch_size=self.batch_size, tile_px=self.tile_px, n_threads=self.n_threads,
+                              concurrent_passes=self.concurrent_passes)
 
 
 def make_tile_segmenter(
@@ -301,6 +307,7 @@ def make_tile_segmenter(
     tile_px: int | None = None,
     batch_size: int | None = None,
     n_threads: int | None = None,
+    concurrent_passes: int | None = 1,
 ) -> Callable[[np.ndarray], np.ndarray]:
     """A picklable function ``tile (Y, X) -> labels (Y, X) int32`` for the tiling stage.
 
@@ -314,7 +321,7 @@ def make_tile_segmenter(
     norm : (float, float)
         Slide-wide ``(lo, hi)`` from :func:`slide_norm`; never per tile, or
         tiles would disagree at their seams.
-    device, precision, prob_thresh, nms_thresh, tile_px, batch_size, n_threads
+    device, precision, prob_thresh, nms_thresh, tile_px, batch_size, n_threads, concurrent_passes
         As in :func:`segment_nuclei`.
     """
     loaded = model if isinstance(model, _model_type()) else None
@@ -322,6 +329,7 @@ def make_tile_segmenter(
         raise ValueError("make_tile_segmenter: the model has no folder to reload it from; save it first")
     seg = TileSegmenter(str(loaded.path if loaded else model), pixel_um, tuple(map(float, norm)), device, precision,
                         prob_thresh, nms_thresh, tile_px, batch_size, n_threads,
-                        loaded.config.pixel_um if loaded else None, loaded.sha256 if loaded else None)
+                        loaded.config.pixel_um if loaded else None, loaded.sha256 if loaded else None,
+                        concurrent_passes)
     seg._model = loaded  # this process already has it
     return seg

@@ -18,6 +18,8 @@ import hashlib
 import json
 import logging
 import pickle
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
 
     from .net import StarDistNet
 
-__all__ = ["StarDistModel", "Thresholds", "load_model", "save_model"]
+__all__ = ["StarDistModel", "Thresholds", "cached_model", "load_model", "save_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +218,66 @@ def load_model(
     _load_state(net, state, weights)
     net.eval().to(device)
     return StarDistModel(net=net, config=config, thresholds=thresholds, sha256=_sha256(weights), path=folder)
+
+
+# Models loaded in this process, most recently used last. A per-process cache is needed
+# because a distributed worker unpickles a fresh TileSegmenter for every tile task (a
+# segmenter's own reference cannot outlive its task), and a run loads the model from
+# several places (config check, provenance, the segment stage); each would otherwise
+# read and hash the weights again and hold its own copy of the net.
+_CACHE: "OrderedDict[tuple, StarDistModel]" = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+#: Models kept per process; the least recently used is dropped beyond this.
+CACHED_MODELS = 4
+
+
+def cached_model(path: str | Path, *, pixel_um: float | None = None, sha256: str | None = None) -> StarDistModel:
+    """A model folder loaded once per process (CPU), then shared.
+
+    Parameters
+    ----------
+    path : str or Path
+        The model folder, or a weights file inside one (as :func:`load_model`).
+    pixel_um : float, optional
+        Pixel size override, µm (as :func:`load_model`); part of the key.
+    sha256 : str, optional
+        Hex SHA-256 the weights file must have (e.g. the one recorded where the
+        segmenter was made); part of the key, so a changed file is never served
+        under an old hash.
+
+    Returns
+    -------
+    StarDistModel
+        The same object for the same folder, pixel size and hash, as long as the
+        folder's files keep their size and modification time (checked with ``stat``
+        on every call, without reading them). Callers share its net: they must not
+        modify its weights. Each loaded model is kept until
+        :data:`CACHED_MODELS` others are used after it.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        As :func:`load_model`; ``ValueError`` too when the weights' SHA-256
+        differs from ``sha256``.
+    """
+    path = Path(path).resolve()
+    folder = path.parent if path.is_file() else path
+    try:
+        files = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()))
+    except OSError:
+        files = ()  # load_model names what is missing
+    key = (str(path), None if pixel_um is None else float(pixel_um), sha256, files)
+    with _CACHE_LOCK:
+        model = _CACHE.get(key)
+        if model is None:
+            model = load_model(path, pixel_um=pixel_um)
+            if sha256 is not None and model.sha256 != sha256:
+                raise ValueError(f"{path}: weights changed since the segmenter was made (sha256 differs)")
+            _CACHE[key] = model
+            while len(_CACHE) > CACHED_MODELS:
+                _CACHE.popitem(last=False)
+        _CACHE.move_to_end(key)
+        return model
 
 
 def _read_torch_state(weights: Path) -> dict[str, "torch.Tensor"]:
