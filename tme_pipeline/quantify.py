@@ -38,6 +38,7 @@ import zarr
 
 from .cell_table import (COMPARTMENT_LAYERS, LAYERS, MIN_RING_PX, CellTable, cell_anndata, check_measure_inputs,
                          measure_params)
+from .solidity import convex_hull_px
 from .tiling import Tile, TileGrid, label_array, map_tiles
 
 __all__ = ["COMPARTMENT_LAYERS", "measure_cells", "perinuclear"]
@@ -345,11 +346,11 @@ def _eccentricity(local: np.ndarray, k: int) -> np.ndarray:
 def _nucleus_shapes(local: np.ndarray, k: int, n_rays: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Solidity (as regionprops), ray centre pixel (k, 2) and star distances (k, n_rays) of 1..k."""
     from scipy import ndimage as ndi
-    from skimage.morphology import convex_hull_image
 
     boxes = ndi.find_objects(local, max_label=k)
     masks = [local[sl] == i + 1 for i, sl in enumerate(boxes)]
-    solidity = np.array([m.sum() / convex_hull_image(m).sum() for m in masks])
+    area = np.bincount(local.ravel(), minlength=k + 1)[1:k + 1]
+    solidity = area / convex_hull_px(local, k)
     centre = np.array([_centre_pixel(m) for m in masks], np.int64).reshape(k, 2)
     dist = np.concatenate([_ray_dist(masks[b:b + _RAY_BATCH], centre[b:b + _RAY_BATCH], n_rays)
                            for b in range(0, k, _RAY_BATCH)])
