@@ -137,6 +137,10 @@ def test_necrosis_is_left_out_of_densities_areas_and_cells():
     assert m["density_CD8_T_tumor_margin"] == pytest.approx(25 / (TUMOR_MARGIN_MM2 - nec_mm2))
     assert m["density_CD8_T_margin"] == pytest.approx(5 / AREAS["margin"])
     assert m["fraction_CD8_T_tumor_core"] == 100.0  # the 20 viable cells of the core are all CD8 T
+    # the profile leaves necrosis out too: 100 columns within 500 µm of the border, less the 0.04 mm²
+    prof = result.infiltration_profile
+    assert prof.area_mm2.sum() == pytest.approx(100 * 40 * g * g * 1e-6 - nec_mm2)
+    assert prof.counts["CD8_T"].sum() == 25
     # a core almost all necrotic carries no density; the class reads the bed instead
     masks["necrosis"] = masks["tumor_core"].copy()
     masks["necrosis"][:, 34] = False  # 40 pixels left: 0.004 mm² of the grid core's 0.14 mm²

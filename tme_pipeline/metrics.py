@@ -55,8 +55,8 @@ Infiltration profile
 --------------------
 Signed distance to the bed's border with other tissue (µm, negative inside; the bed's edge
 against glass is no border) on the region grid, as ``regions`` computes it for the cells; per
-``profile_bin_um`` bin from ``-profile_range_um`` to ``+profile_range_um`` the tissue area
-(mm²), the cells of each ``profile_groups`` group (by their ``border_distance_um``) and their
+``profile_bin_um`` bin from ``-profile_range_um`` to ``+profile_range_um`` the viable tissue
+area (mm², necrosis left out as for the densities), the cells of each ``profile_groups`` group (by their ``border_distance_um``) and their
 density (cells/mm²), None in a bin with less than ``profile_min_area_mm2`` of tissue.
 """
 
@@ -301,9 +301,11 @@ def slide_metrics(cells, regions: Mapping, region_grids: tuple[Mapping[str, np.n
               or "no tumour bed")
     _pdl1(t, obs, phen, members, config)
     immune_class, reason = _immune_class(t, config)
-    profile = infiltration_profile(obs["border_distance_um"].to_numpy(np.float64), phen, masks, grid_um,
+    # Cells in necrosis fall in no bin (NaN distance), as necrotic pixels add no area.
+    distance = np.where(in_necrosis, np.nan, obs["border_distance_um"].to_numpy(np.float64))
+    profile = infiltration_profile(distance, phen, masks, grid_um,
                                    {g: [names[i] for i in groups[g]] for g in config.profile_groups if g in groups},
-                                   config)
+                                   config, exclude=necrosis)
     for g in config.profile_groups:
         if g not in groups:
             warnings.append(f"metrics.profile_groups names {g!r}, which is neither a phenotype nor a group")
@@ -491,7 +493,7 @@ def immune_class(core_cd8: float | None, margin_cd8: float | None, *, bed_cd8: f
 
 def infiltration_profile(border_distance_um: np.ndarray, phenotype: np.ndarray, masks: Mapping[str, np.ndarray],
                          grid_um: float, groups: Mapping[str, list[str]],
-                         config: MetricsConfig) -> InfiltrationProfile:
+                         config: MetricsConfig, *, exclude: np.ndarray | None = None) -> InfiltrationProfile:
     """Densities of each group in bins of signed distance to the bed's border.
 
     Parameters
@@ -504,6 +506,9 @@ def infiltration_profile(border_distance_um: np.ndarray, phenotype: np.ndarray, 
         Grid pixel edge (µm).
     groups : dict group -> phenotype names (exact) in it
     config : MetricsConfig
+    exclude : (H, W) bool, optional
+        Grid pixels whose area is left out of the bins (necrosis); the distance is still
+        measured on the whole tissue. The caller leaves their cells out (NaN distance).
 
     Returns
     -------
@@ -524,7 +529,10 @@ def infiltration_profile(border_distance_um: np.ndarray, phenotype: np.ndarray, 
             k = np.floor((d + reach) / step)
         return np.where(np.isfinite(k) & (k >= 0) & (k < n_bins), k, -1).astype(np.int64)
 
-    px = bin_of(signed[np.asarray(masks["tissue"], bool)])
+    counted = np.asarray(masks["tissue"], bool)
+    if exclude is not None:
+        counted = counted & ~np.asarray(exclude, bool)
+    px = bin_of(signed[counted])
     area = np.bincount(px[px >= 0], minlength=n_bins) * grid_um * grid_um * _MM2_PER_UM2
     cell_bin = bin_of(np.asarray(border_distance_um, np.float64))
     small = area < config.profile_min_area_mm2
