@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -57,9 +59,19 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from .segment_command import segment_file
 
     config = _with_overrides(load_config(args.config), method=args.method, model=args.model, device=args.device)
+    config = _with_progress(config, args)
     n = segment_file(args.image, args.out, config=config, channel=args.channel, pixel_um=args.pixel_um)
     print(f"{n} nuclei -> {args.out}")
     return 0
+
+
+def _with_progress(config, args: argparse.Namespace):
+    """The config with ``--quiet``; a quiet run (flag or ``run.progress: quiet``) logs warnings and errors only."""
+    if args.quiet:
+        config = config.model_copy(update={"run": config.run.model_copy(update={"progress": "quiet"})})
+    if config.run.progress == "quiet" and not args.verbose:
+        logging.getLogger().setLevel(logging.WARNING)
+    return config
 
 
 def _with_overrides(config, *, method: str | None = None, model: str | None = None, device: str | None = None):
@@ -81,7 +93,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = run_cohort(
         args.manifest,
         args.out,
-        config=_with_overrides(load_config(args.config), device=args.device),
+        config=_with_progress(_with_overrides(load_config(args.config), device=args.device), args),
         config_path=args.config,
         scheduler=args.scheduler,
         pixel_um=args.pixel_um,
@@ -185,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("stardist", "classic"), default=None)
     p.add_argument("--device", default=None, help="StarDist device: auto | cpu | cuda | cuda:N")
     p.add_argument("--config", type=Path, default=None)
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars, log lines or summary: warnings and errors only (run.progress: quiet)")
     p.set_defaults(func=_cmd_segment)
 
     p = sub.add_parser("run", help="run the pipeline on every slide of a manifest")
@@ -197,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="recompute every stage, even those up to date")
     p.add_argument("--from", dest="from_stage", default=None, metavar="STAGE",
                    help="recompute from this stage on (segment, cells, measure, phenotype, qc)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars, log lines or summary: warnings and errors only (run.progress: quiet)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("analyze", help="paired pre/post tests of a results folder's patients.h5ad -> OUT/analysis")
@@ -209,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recompute", help="after review corrections, re-run what they made stale (config of run.json)")
     p.add_argument("out", type=Path, help="a results folder of tme run")
     p.add_argument("--slide", default=None, metavar="ID", help="only this slide")
+    p.add_argument("-q", "--quiet", action="store_true", help="no log lines or summary: warnings and errors only")
     p.set_defaults(func=_cmd_recompute)
     return parser
 
@@ -216,10 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.INFO
+    quiet = getattr(args, "quiet", False)
+    level = logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)  # also where logging was set up before main (an embedding program)
     try:
-        return args.func(args)
+        with contextlib.ExitStack() as stack:
+            if quiet:  # the summary on standard output goes too; errors still reach standard error
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            return args.func(args)
     except (OSError, ValueError, OutputInUse) as error:  # OSError: a full disk, an unwritable folder
         print(f"tme {args.command}: error: {error}", file=sys.stderr)
         return 2

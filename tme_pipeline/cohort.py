@@ -18,6 +18,7 @@ from .io.results import remove_stale_partials, write_json
 from .lock import output_lock
 from .parallel import dask_scheduler
 from .pipeline import SlideResult, run_slide
+from .progress import batch_progress
 from .provenance import provenance
 from .results import RUN_JSON, SLIDES_DIR, slide_folder
 from .stages import STAGES, Stage, check_stages
@@ -123,7 +124,8 @@ def _run_locked(manifest: Manifest, out: Path, config: Config, config_path, sche
     }
     results: list[SlideResult] = []
     scheduler = scheduler or config.run.scheduler
-    with dask_scheduler(scheduler, n_workers=config.run.n_workers) as scheduler_info:
+    with dask_scheduler(scheduler, n_workers=config.run.n_workers) as scheduler_info, \
+            batch_progress(len(manifest.rows), mode=config.run.progress) as batch:
         for row in manifest.rows:
             t0 = time.perf_counter()
             try:
@@ -149,6 +151,7 @@ def _run_locked(manifest: Manifest, out: Path, config: Config, config_path, sche
                     error=_describe(error, slide_folder(out, row.slide_id)),
                 )
             results.append(result)
+            batch.slide_done(row.slide_id, seconds=time.perf_counter() - t0, failed=result.status == "error")
             write_json(out / RUN_JSON, _run_record(manifest, header, results, started, scheduler_info))
     result = CohortResult(out=out, manifest=manifest, slides=tuple(results))
     record = _run_record(manifest, header, results, started, scheduler_info, done=True)

@@ -296,7 +296,8 @@ def segment_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
     lowres, lowres_um = lowres_channel(slide, channel)
     segment_tile = segmentation_function(inputs.config, pixel_um=slide.pixel_um, nuclear_lowres=lowres)
     root = create_labels_zarr(folder / LABELS, shape_yx=slide.shape_yx, pixel_um=slide.pixel_um, chunk_px=grid.tile_px)
-    with progress(f"{inputs.slide_id}: segmenting {grid.n_tiles} tiles"):
+    with progress(f"{inputs.slide_id} segment", mode=inputs.config.run.progress,
+                  every_s=inputs.config.run.progress_every_s):
         stitched = segment_tiled(slide.levels[0][channel], segment_tile, grid=grid, store=root["labels/nuclei"])
     write_label_pyramid(root, "nuclei", pixel_um=slide.pixel_um)
     write_overview_image(root, lowres, pixel_um=lowres_um, channel_names=(slide.channel_names[channel],))
@@ -326,7 +327,8 @@ def cells_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
         shutil.rmtree(scratch)
     root = zarr.open_group(str(store), mode="r+")
     nuclei = SlideResults(inputs.slide_id, folder).labels("nuclei")
-    with progress(f"{inputs.slide_id}: growing cells in {grid.n_tiles} tiles"):
+    with progress(f"{inputs.slide_id} cells", mode=inputs.config.run.progress,
+                  every_s=inputs.config.run.progress_every_s):
         expand_nuclei_tiled(nuclei, grid=grid, pixel_um=slide.pixel_um, expand_um=inputs.config.cells.expand_um,
                             store=root["labels/cells"], component="0")
     write_label_pyramid(root, "cells", pixel_um=slide.pixel_um)
@@ -351,7 +353,8 @@ def measure_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
 
     slide, config, panel = inputs.slide, inputs.config, _panel(inputs, "measure")
     results = SlideResults(inputs.slide_id, folder)
-    with progress(f"{inputs.slide_id}: measuring cells in {inputs.grid.n_tiles} tiles"):
+    with progress(f"{inputs.slide_id} measure", mode=inputs.config.run.progress,
+                  every_s=inputs.config.run.progress_every_s):
         cells = measure_cells(
             results.labels("nuclei"), results.labels("cells"), slide.levels[0], grid=inputs.grid,
             pixel_um=slide.pixel_um, markers=panel.channels,
