@@ -16,9 +16,20 @@ import pytest
 from shapely.geometry import MultiPolygon, Polygon, box
 
 from slide_writers import write_ome_tiff
+from tme_napari.cells_view import (
+    CellTable,
+    canvas_size_px,
+    follow_camera,
+    overview_rgba,
+    read_cell_table,
+    rows_in_box,
+    view_box_um,
+)
 from tme_napari.layers import (
+    REGION_LABELS,
     cell_points_layer,
     contrast_limits,
+    region_labels_layer,
     result_folder_layers,
     shapes_layer,
     slide_layers,
@@ -27,7 +38,7 @@ from tme_napari.reader import napari_get_reader
 from tme_pipeline.geojson import feature, feature_collection, write_geojson
 from tme_pipeline.io.labels import create_labels_zarr, write_label_pyramid, write_overview_image
 from tme_pipeline.io.slides import open_slide
-from tme_pipeline.results import CELLS, LABELS, REGIONS_GEOJSON, STAGES_JSON, TLS_GEOJSON
+from tme_pipeline.results import CELLS, LABELS, REGIONS_GEOJSON, REGIONS_NPZ, STAGES_JSON, TLS_GEOJSON
 
 PIXEL_UM = 0.5
 SIZE_PX = 256
@@ -39,6 +50,7 @@ N_CELLS = 12
 PHENOTYPES = ("CD8_T", "tumor", "other")
 MATURE = (0, 128, 0)
 EARLY = (255, 165, 0)
+GRID_UM = 8.0  # the region grid: 16 x 16 pixels over the 128 µm slide
 
 
 def _tls_features():
@@ -88,9 +100,29 @@ def result_folder(tmp_path):
 
     write_geojson(folder / TLS_GEOJSON, feature_collection(_tls_features(), pixel_um=PIXEL_UM))
     band = box(0, 0, 64, 128).difference(box(10, 10, 30, 30))  # with a hole, as a margin band has
-    regions = [feature(band, pixel_um=PIXEL_UM, name="Margin", color=(200, 0, 0))]
+    bed = box(64, 0, 128, 64)
+    regions = [feature(band, pixel_um=PIXEL_UM, name="margin", color=(200, 0, 0)),
+               feature(bed, pixel_um=PIXEL_UM, name="tumor", color=(200, 0, 0))]
     write_geojson(folder / REGIONS_GEOJSON, feature_collection(regions, pixel_um=PIXEL_UM))
+    np.savez(folder / REGIONS_NPZ, **_region_grids(), grid_um=GRID_UM)
     return folder, obs
+
+
+def _region_grids() -> dict:
+    """``regions.npz``'s masks: tissue everywhere, the bed the right half of the top (x >= 64, y < 64 µm),
+    necrosis its top right grid pixel, the margin one pixel around the bed's border."""
+    n = int(SIZE_PX * PIXEL_UM / GRID_UM)
+    tissue = np.ones((n, n), bool)
+    tumor = np.zeros((n, n), bool)
+    tumor[: n // 2, n // 2:] = True
+    margin = np.zeros((n, n), bool)
+    margin[: n // 2 + 1, n // 2 - 1:] = True
+    margin[: n // 2 - 1, n // 2 + 1:] = False
+    necrosis = np.zeros((n, n), bool)
+    necrosis[0, -1] = True
+    masks = {"tissue": tissue, "tumor": tumor, "tumor_core": tumor & ~margin, "margin": margin,
+             "stroma": tissue & ~tumor & ~margin, "necrosis": necrosis, "fibrosis": np.zeros((n, n), bool)}
+    return {"mask_names": np.array(list(masks)), **{f"mask_{k}": v for k, v in masks.items()}}
 
 
 # --- plain functions, no viewer -------------------------------------------------------------------
@@ -146,7 +178,7 @@ def test_cell_points_positions_colours_and_features(result_folder):
     folder, obs = result_folder
     cells = ad.read_h5ad(folder / CELLS)
     data, kwargs, kind = cell_points_layer(cells, size_um=5.0)
-    assert kind == "points" and kwargs["size"] == 5.0
+    assert kind == "points" and kwargs["size"] == 5.0 and data.dtype == np.float32
     np.testing.assert_allclose(data, obs[["y_um", "x_um"]].to_numpy())
     colors = kwargs["face_color"]
     assert colors.shape == (N_CELLS, 4)
@@ -156,6 +188,67 @@ def test_cell_points_positions_colours_and_features(result_folder):
     assert set(kwargs["metadata"]["phenotype_colors"]) == set(PHENOTYPES)
     assert len(kwargs["features"]) == N_CELLS
     assert list(kwargs["features"]["cell_id"]) == list(obs["cell_id"])
+    # A lean table: what the widget needs, not the cell table's other columns.
+    assert list(kwargs["features"].columns) == ["cell_id", "phenotype", "row"]
+    assert list(kwargs["features"]["row"]) == list(range(N_CELLS))
+    empty, kwargs, _ = cell_points_layer(cells, max_points=N_CELLS - 1)
+    assert empty.shape == (0, 2) and kwargs["metadata"]["n_cells"] == N_CELLS
+    assert list(kwargs["features"]["phenotype"].cat.categories) == list(PHENOTYPES)
+
+
+def test_read_cell_table_reads_three_columns_as_float32(result_folder):
+    folder, obs = result_folder
+    table = read_cell_table(folder / CELLS)
+    assert len(table) == N_CELLS and table.yx_um.dtype == np.float32
+    np.testing.assert_allclose(table.yx_um, obs[["y_um", "x_um"]].to_numpy())
+    assert table.categories == PHENOTYPES
+    assert [table.categories[c] for c in table.codes] == list(obs["phenotype"])
+    np.testing.assert_array_equal(table.cell_id, obs["cell_id"])
+    bad = folder / "bad.h5ad"
+    ad.AnnData(obs=pd.DataFrame({"x_um": [1.0], "y_um": [2.0]}, index=["0"])).write_h5ad(bad)
+    with pytest.raises(ValueError, match=r"bad\.h5ad.*phenotype"):
+        read_cell_table(bad)
+
+
+def test_rows_in_box_and_view_box():
+    table = CellTable.from_obs(pd.DataFrame({"x_um": [5.0, 15.0, 25.0, 15.0], "y_um": [5.0, 5.0, 5.0, 50.0],
+                                             "phenotype": pd.Categorical(["a", "b", "a", "b"])}))
+    np.testing.assert_array_equal(rows_in_box(table, (0, 10), (20, 30)), [1, 2])
+    assert len(rows_in_box(table, (100, 100), (200, 200))) == 0
+    lo, hi = view_box_um((0, 50.0, 60.0), 2.0, (100, 200))  # 100 x 200 screen px at 2 px/µm
+    np.testing.assert_allclose(lo, [25.0, 10.0])
+    np.testing.assert_allclose(hi, [75.0, 110.0])
+
+
+def test_overview_raster_colours_bins_by_phenotype_mix():
+    obs = pd.DataFrame({"x_um": [5.0, 6.0, 7.0, 25.0, 26.0], "y_um": [5.0, 6.0, 7.0, 5.0, 6.0],
+                        "phenotype": pd.Categorical(["CD8_T", "CD8_T", "CD8_T", "CD8_T", "tumor"])})
+    table = CellTable.from_obs(obs)
+    palette, legend = table.palette()
+    rgba = overview_rgba(table, (40.0, 40.0), bin_um=20.0)
+    assert rgba.shape == (2, 2, 4) and rgba.dtype == np.float32
+    np.testing.assert_allclose(rgba[0, 0, :3], legend["CD8_T"][:3], rtol=1e-6)
+    np.testing.assert_allclose(rgba[0, 1, :3], (np.array(legend["CD8_T"][:3]) + legend["tumor"][:3]) / 2, rtol=1e-6)
+    assert rgba[1, :, 3].max() == 0, "no cells, transparent"
+    assert rgba[0, 0, 3] > rgba[0, 1, 3] > 0, "denser bins more opaque"
+    with pytest.raises(ValueError, match="bin_um"):
+        overview_rgba(table, (40.0, 40.0), bin_um=0)
+
+
+def test_region_labels_from_the_grids_in_um(result_folder):
+    masks = {k[5:]: v for k, v in _region_grids().items() if k.startswith("mask_")}
+    labels, kwargs, kind = region_labels_layer(masks, GRID_UM)
+    assert kind == "labels" and labels.dtype == np.uint8 and labels.shape == masks["tissue"].shape
+    code = {name: k for k, name in enumerate(REGION_LABELS, start=1)}
+    assert labels[0, -1] == code["necrosis"], "necrosis drawn over the bed"
+    np.testing.assert_array_equal(labels[masks["stroma"]], code["stroma"])
+    assert (labels[masks["tumor_core"] & ~masks["necrosis"]] == code["tumor_core"]).all()
+    assert (labels[masks["margin"] & ~masks["necrosis"]] == code["margin"]).all()
+    assert kwargs["scale"] == (GRID_UM, GRID_UM) and kwargs["translate"] == (GRID_UM / 2, GRID_UM / 2)
+    np.testing.assert_allclose(kwargs["colormap"][code["stroma"]][:3], np.array([0, 160, 80]) / 255)
+    assert kwargs["colormap"][0][3] == 0, "outside the tissue is transparent"
+    assert kwargs["features"]["name"][code["margin"]] == "margin"
+    assert region_labels_layer({}, GRID_UM) is None
 
 
 def test_cell_points_missing_column_is_named():
@@ -202,7 +295,7 @@ def test_result_folder_layers_order_and_counts(result_folder):
     layers = result_folder_layers(folder)
     assert [(k["name"], t) for _, k, t in layers] == [
         ("DAPI", "image"), ("CD3", "image"), ("PD-L1", "image"), ("nuclei", "labels"), ("cells", "labels"),
-        ("regions", "shapes"), ("TLS", "shapes"), ("cells (phenotype)", "points"),
+        ("regions", "labels"), ("TLS", "shapes"), ("cells (overview)", "image"), ("cells (phenotype)", "points"),
     ]
     nuclei = layers[3][0]
     assert len(nuclei) >= 2 and all(isinstance(lv, da.Array) for lv in nuclei)
@@ -214,12 +307,20 @@ def test_moved_slide_and_no_geojson_fall_back(result_folder):
     (folder.parents[2] / "S1.ome.tif").unlink()
     (folder / TLS_GEOJSON).unlink()
     (folder / REGIONS_GEOJSON).unlink()
+    (folder / REGIONS_NPZ).unlink()
     layers = result_folder_layers(folder)
     names = [k["name"] for _, k, _ in layers]
-    assert names == ["DAPI overview", "nuclei", "cells", "cells (phenotype)"]
+    assert names == ["DAPI overview", "nuclei", "cells", "cells (overview)", "cells (phenotype)"]
     overview, kwargs, _ = layers[0]
     assert kwargs["scale"] == (PIXEL_UM * 4, PIXEL_UM * 4)
     assert overview.shape == (SIZE_PX // 4, SIZE_PX // 4)
+
+
+def test_results_without_region_grids_show_the_geojson_outlines(result_folder):
+    folder, _ = result_folder
+    (folder / REGIONS_NPZ).unlink()
+    regions = next(layer for layer in result_folder_layers(folder) if layer[1]["name"] == "regions")
+    assert regions[2] == "shapes" and list(regions[1]["features"]["name"]) == ["margin", "margin", "tumor"]
 
 
 def test_get_reader_refuses_foreign_paths(result_folder, tmp_path):
@@ -244,7 +345,8 @@ def test_reader_round_trip_in_viewer(make_napari_viewer, result_folder):
     viewer = make_napari_viewer()
     layers = viewer.open(str(folder), plugin="tme-napari")
     by_name = {layer.name: layer for layer in layers}
-    assert list(by_name) == ["DAPI", "CD3", "PD-L1", "nuclei", "cells", "regions", "TLS", "cells (phenotype)"]
+    assert list(by_name) == ["DAPI", "CD3", "PD-L1", "nuclei", "cells", "regions", "TLS", "cells (overview)",
+                             "cells (phenotype)"]
     for name in ("DAPI", "CD3", "PD-L1", "nuclei", "cells"):
         assert by_name[name].multiscale
         np.testing.assert_allclose(by_name[name].scale, [PIXEL_UM, PIXEL_UM])
@@ -254,11 +356,34 @@ def test_reader_round_trip_in_viewer(make_napari_viewer, result_folder):
     points = by_name["cells (phenotype)"]
     assert len(points.data) == N_CELLS
     assert list(points.features["phenotype"]) == list(obs["phenotype"])
-    assert by_name["TLS"].nshapes == 3 and by_name["regions"].nshapes == 2
-    assert list(by_name["regions"].shape_type) == ["polygon", "path"]
+    assert by_name["TLS"].nshapes == 3 and by_name["regions"].data.shape == (16, 16)
+    # Grid pixel (i, j) covers [i, i+1) x [j, j+1) grid pixels of the slide: its centre is half a pixel in.
+    np.testing.assert_allclose(by_name["regions"].data_to_world((0, 0)), [GRID_UM / 2] * 2)
+    np.testing.assert_allclose(by_name["regions"].data_to_world((15, 15)), [SIZE_PX * PIXEL_UM - GRID_UM / 2] * 2)
     assert list(by_name["TLS"].features["name"]) == ["SFL", "SFL", "E-TLS"]
     # One unit for every layer, so the scale bar reads µm.
     assert {str(u) for layer in layers for u in layer.units} == {"micrometer"}
+
+
+def test_points_follow_the_camera_when_the_slide_has_too_many(make_napari_viewer, result_folder):
+    folder, obs = result_folder
+    viewer = make_napari_viewer()
+    data, kwargs, _ = cell_points_layer(read_cell_table(folder / CELLS), max_points=4)
+    points = viewer.add_points(data, **kwargs)
+    assert len(points.data) == 0, "more cells than max_points: none at open"
+    viewer.camera.center = (25.0, 25.0)
+    viewer.camera.zoom = 20.0
+    update = follow_camera(viewer, points, read_cell_table(folder / CELLS), max_points=4)
+    rows = update()
+    lo, hi = view_box_um(viewer.camera.center, viewer.camera.zoom, canvas_size_px(viewer))
+    inside = np.flatnonzero(((obs[["y_um", "x_um"]].to_numpy() >= lo) & (obs[["y_um", "x_um"]].to_numpy() < hi))
+                            .all(axis=1))
+    assert 0 < len(inside) <= 4
+    np.testing.assert_array_equal(rows, inside)
+    np.testing.assert_array_equal(points.features["cell_id"], obs["cell_id"].to_numpy()[inside])
+    np.testing.assert_allclose(points.data, obs[["y_um", "x_um"]].to_numpy()[inside])
+    viewer.camera.zoom = 0.01  # the whole slide: too many cells again
+    assert len(points.data) == 0
 
 
 def test_reader_opens_a_slide_file(make_napari_viewer, result_folder):

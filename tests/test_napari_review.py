@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from test_napari_reader import N_CELLS, result_folder  # noqa: F401  (the fixture)
 
-from tme_napari.review import ReviewWidget, gate_colors, gate_histogram, ring_um, tls_outline_um
+from tme_napari.review import ReviewWidget, bed_outlines_yx, gate_colors, gate_histogram, ring_um, tls_outline_um
 from tme_pipeline.results import corrections_file
 
 
@@ -33,6 +33,17 @@ def test_tls_outline_takes_the_largest_part_of_the_chosen_tls():
     assert tls_outline_um([small, large, other], features, 1)[0] == 7
     with pytest.raises(ValueError, match="out of range"):
         tls_outline_um([small, large, other], features, 2)
+
+
+def test_bed_outlines_are_the_tumor_features_outer_rings(result_folder):  # noqa: F811
+    from tme_pipeline.results import REGIONS_GEOJSON
+
+    folder, _ = result_folder
+    outlines = bed_outlines_yx(folder / REGIONS_GEOJSON)
+    assert len(outlines) == 1, "the margin band is not the bed"
+    np.testing.assert_allclose(outlines[0].min(axis=0), [0, 64])  # (y, x) µm
+    np.testing.assert_allclose(outlines[0].max(axis=0), [64, 128])
+    assert bed_outlines_yx(folder / "missing.geojson") == []
 
 
 def test_gate_colours_and_histogram():
@@ -65,8 +76,10 @@ def test_scripted_review_in_napari_saves_every_kind(make_napari_viewer, result_f
     points = viewer.layers["cells (phenotype)"]
     points.selected_data = {0, 3, 5}
     widget.reassign_selected("tumor")
-    widget.edit_bed()
-    viewer.layers["review: tumour bed"].add_polygons([np.array([[0.0, 0], [0, 50], [50, 50], [50, 0]])])
+    widget.edit_bed()  # the bed's outline, read from regions.geojson only now
+    bed_layer = viewer.layers["review: tumour bed"]
+    assert bed_layer.nshapes == 1
+    bed_layer.add_polygons([np.array([[0.0, 0], [0, 50], [50, 50], [50, 0]])])
     widget.keep_bed()
 
     marker = widget.marker.choices[1]
@@ -91,6 +104,9 @@ def test_scripted_review_in_napari_saves_every_kind(make_napari_viewer, result_f
     assert stored["corrections"][2]["payload"]["polygon_um"][0] == [100.0, 100.0]
     assert stored["corrections"][3]["payload"] == {"cell_ids": [int(obs["cell_id"].iloc[i]) for i in (0, 3, 5)],
                                                    "phenotype": "tumor"}
+    bed = np.asarray(stored["corrections"][4]["payload"]["polygons_um"][0])
+    np.testing.assert_allclose([bed[:, 0].min(), bed[:, 0].max(), bed[:, 1].min(), bed[:, 1].max()], [64, 128, 0, 64])
+    assert len(stored["corrections"][4]["payload"]["polygons_um"]) == 2
     assert {c["who"] for c in stored["corrections"]} == {"dr_who"}
     assert widget.save() == [], "nothing pending: nothing appended"
 

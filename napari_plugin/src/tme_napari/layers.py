@@ -17,7 +17,8 @@ import numpy as np
 
 __all__ = [
     "UNITS", "LayerData", "marker_colormap", "contrast_limits", "slide_layers", "label_layers",
-    "overview_layer", "cell_points_layer", "shapes_layer", "result_folder_layers",
+    "overview_layer", "cell_points_layer", "cell_overview_layer", "region_labels_layer", "REGION_LABELS",
+    "shapes_layer", "result_folder_layers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -32,14 +33,10 @@ LayerData = tuple  # (data, kwargs dict, layer type str): npe2's LayerData tuple
 _MARKER_COLORMAPS = ("green", "magenta", "yellow", "cyan", "red", "bop orange", "bop purple", "gray")
 _NUCLEAR_NAMES = ("dapi", "hoechst")
 
-# Fixed colours for the phenotypes the pipeline calls, so a colour means the same cell type
-# on every slide; other names take the next colour of _EXTRA_RGB.
-_PHENOTYPE_RGB = {
-    "CD8_T": (0.89, 0.10, 0.11), "CD4_T": (1.0, 0.50, 0.0), "Treg": (0.60, 0.31, 0.64),
-    "B": (0.22, 0.49, 0.72), "tumor": (0.30, 0.69, 0.29), "other": (0.6, 0.6, 0.6),
-}
-_EXTRA_RGB = ((0.65, 0.34, 0.16), (0.97, 0.51, 0.75), (0.0, 0.8, 0.8), (0.9, 0.9, 0.2), (0.4, 0.4, 1.0))
-_MISSING_RGBA = (0.5, 0.5, 0.5, 1.0)
+# The regions' colours of their QuPath GeoJSON (tme_pipeline.regions), RGB 0-255, so the
+# labels read like the exported outlines (the pipeline keeps its table private).
+_REGION_RGB = {"tumor_core": (255, 120, 0), "margin": (255, 220, 0), "stroma": (0, 160, 80),
+               "necrosis": (90, 60, 30), "fibrosis": (120, 120, 255)}
 
 
 def marker_colormap(name: str, index: int) -> str:
@@ -192,52 +189,88 @@ def overview_layer(results) -> LayerData | None:
                     "blending": "additive"}, "image")
 
 
-def _phenotype_palette(phenotype) -> tuple[np.ndarray, dict]:
-    """Per-cell RGBA (N, 4) of a phenotype column by category code (vectorised), and the legend."""
-    import pandas as pd
-
-    cat = pd.Categorical(phenotype)
-    palette = np.empty((len(cat.categories) + 1, 4))
-    extra = 0
-    for i, name in enumerate(cat.categories):
-        rgb = _PHENOTYPE_RGB.get(str(name))
-        if rgb is None:
-            rgb, extra = _EXTRA_RGB[extra % len(_EXTRA_RGB)], extra + 1
-        palette[i] = (*rgb, 1.0)
-    palette[-1] = _MISSING_RGBA  # code -1 (no phenotype) indexes the last row
-    legend = {str(name): tuple(float(v) for v in palette[i]) for i, name in enumerate(cat.categories)}
-    return palette[np.asarray(cat.codes)], legend
-
-
-def cell_points_layer(cells, *, size_um: float = 6.0) -> LayerData:
-    """The cells as points at their centroids, coloured by phenotype, the table as features.
+def cell_points_layer(cells, *, size_um: float = 6.0, max_points: int | None = None) -> LayerData:
+    """The cells as points at their centroids, coloured by phenotype, a lean table as features.
 
     Parameters
     ----------
-    cells : anndata.AnnData
+    cells : anndata.AnnData or tme_napari.cells_view.CellTable
         ``obs`` with ``x_um``, ``y_um`` (µm) and a ``phenotype`` column (categorical).
     size_um : float
         Point diameter, µm.
+    max_points : int, optional
+        With more cells than this the layer starts empty (the cells in view are put in by
+        :func:`tme_napari.cells_view.follow_camera` once few enough are in view).
 
     Returns
     -------
-    (numpy.ndarray (N, 2) float (y, x) in µm, dict, "points")
-        ``features`` is ``obs``; ``face_color`` one RGBA per cell (fixed colour per
-        phenotype); ``metadata['phenotype_colors']`` maps phenotype -> RGBA for a legend.
+    (numpy.ndarray (N, 2) float32 (y, x) in µm, dict, "points")
+        ``features`` holds ``cell_id``, ``phenotype`` and ``row`` (index in the cell table)
+        only, the other columns stay on disk; ``face_color`` one RGBA per cell (fixed
+        colour per phenotype); ``metadata['phenotype_colors']`` maps phenotype -> RGBA,
+        ``metadata['n_cells']`` is the slide's cell count.
     """
-    obs = cells.obs
-    missing = [c for c in ("x_um", "y_um", "phenotype") if c not in obs.columns]
-    if missing:
-        raise ValueError(f"cell table has no column(s) {missing}; have {list(obs.columns)}")
-    if not size_um > 0:
-        raise ValueError(f"size_um must be positive, got {size_um}")
-    data = np.column_stack([obs["y_um"].to_numpy(np.float64), obs["x_um"].to_numpy(np.float64)])
-    colors, legend = _phenotype_palette(obs["phenotype"])
-    features = obs.reset_index(drop=True)
-    kwargs = {"name": "cells (phenotype)", "scale": (1.0, 1.0), "units": UNITS, "size": size_um,
-              "face_color": colors, "border_width": 0.0, "features": features,
-              "metadata": {"phenotype_colors": legend}}
+    from .cells_view import CellTable, points_kwargs
+
+    table = cells if isinstance(cells, CellTable) else CellTable.from_obs(cells.obs)
+    rows = np.arange(len(table))
+    if max_points is not None and len(table) > max_points:
+        rows = rows[:0]
+    data, kwargs = points_kwargs(table, rows, size_um=size_um)
     return (data, kwargs, "points")
+
+
+def cell_overview_layer(table, extent_yx_um, *, bin_um: float = 20.0) -> LayerData:
+    """The cells as a phenotype-coloured density raster (:func:`tme_napari.cells_view.overview_rgba`).
+
+    Returns
+    -------
+    (numpy.ndarray (H, W, 4) float32, dict, "image")
+        RGBA, ``scale`` = ``bin_um`` and ``translate`` half a bin (µm), so bin ``(i, j)``
+        covers ``[i, i+1) x [j, j+1)`` times ``bin_um`` of the slide.
+    """
+    from .cells_view import OVERVIEW_LAYER, overview_rgba
+
+    rgba = overview_rgba(table, extent_yx_um, bin_um=bin_um)
+    return (rgba, {"name": OVERVIEW_LAYER, "rgb": True, "scale": (bin_um, bin_um),
+                   "translate": (bin_um / 2, bin_um / 2), "units": UNITS, "opacity": 0.8}, "image")
+
+
+#: Region grids drawn as labels, later ones over earlier ones (necrosis and fibrosis lie in the bed).
+REGION_LABELS = ("stroma", "margin", "tumor_core", "fibrosis", "necrosis")
+
+
+def region_labels_layer(masks: dict, grid_um: float, *, name: str = "regions") -> LayerData | None:
+    """The coarse region grids of ``regions.npz`` as one Labels layer, in µm.
+
+    Parameters
+    ----------
+    masks : dict of str -> (H, W) bool
+        :meth:`tme_pipeline.results.SlideResults.region_grids`'s masks.
+    grid_um : float
+        Grid pixel edge, µm; pixel ``(i, j)`` covers ``[i, i+1) x [j, j+1)`` times ``grid_um``.
+
+    Returns
+    -------
+    ((H, W) uint8, dict, "labels") or None
+        Label ``k`` = ``REGION_LABELS[k - 1]`` (0: outside tissue), coloured as in the regions
+        GeoJSON; ``features`` (``index``, ``name``) names each label. None without masks.
+    """
+    present = [k for k in REGION_LABELS if k in masks]
+    if not present:
+        return None
+    shape = np.asarray(masks[present[0]]).shape
+    labels = np.zeros(shape, np.uint8)
+    for k, key in enumerate(REGION_LABELS, start=1):
+        if key in masks:
+            labels[np.asarray(masks[key], bool)] = k
+    colors = _REGION_RGB
+    colormap = {0: (0.0, 0.0, 0.0, 0.0), None: (0.0, 0.0, 0.0, 0.0)}
+    colormap.update({k: (*(np.asarray(colors[key][:3]) / 255.0), 1.0)
+                     for k, key in enumerate(REGION_LABELS, start=1)})
+    features = {"index": list(range(len(REGION_LABELS) + 1)), "name": ["", *REGION_LABELS]}
+    return (labels, {"name": name, "scale": (grid_um, grid_um), "translate": (grid_um / 2, grid_um / 2),
+                     "units": UNITS, "opacity": 0.35, "colormap": colormap, "features": features}, "labels")
 
 
 def _rings_yx(geometry) -> list[tuple[np.ndarray, bool]]:
@@ -305,8 +338,13 @@ def shapes_layer(features: Sequence[tuple[object, dict]], *, name: str, edge_wid
     return (polygons, kwargs, "shapes")
 
 
-def result_folder_layers(folder: str | Path, *, load_slide: bool = True) -> list[LayerData]:
+def result_folder_layers(folder: str | Path, *, load_slide: bool = True,
+                         max_points: int | None = None) -> list[LayerData]:
     """Every layer of one slide's result folder ``OUT/slides/<slide_id>/``.
+
+    What is built does not grow with the slide beyond its coarse grids: images and labels
+    are lazy pyramids, regions one Labels layer of the coarse region grid, the cells an
+    overview raster plus a Points layer of at most ``max_points`` cells.
 
     Parameters
     ----------
@@ -315,37 +353,55 @@ def result_folder_layers(folder: str | Path, *, load_slide: bool = True) -> list
     load_slide : bool
         Open the slide file named in ``cells.uns['slide']['path']``; when False or the file
         is gone, the DAPI overview of ``labels.ome.zarr`` stands in.
+    max_points : int, optional
+        Most cells put in the Points layer at open (default
+        :data:`tme_napari.cells_view.MAX_POINTS`); a slide with more opens with it empty,
+        and :func:`tme_napari.cells_view.follow_camera` fills it with the cells in view.
 
     Returns
     -------
     list of LayerData
         In drawing order: marker images (or the overview), ``nuclei`` and ``cells`` labels,
-        ``regions`` and ``TLS`` shapes when their GeoJSON exists, and the cell points.
+        ``regions`` (Labels from ``regions.npz``; Shapes from ``regions.geojson`` for results
+        without the grids), ``TLS`` shapes when their GeoJSON exists, the ``cells
+        (overview)`` raster and the cell points. The points' ``metadata['cells_file']`` is
+        the ``cells.h5ad`` they come from.
 
     Raises
     ------
     FileNotFoundError
         If ``folder`` has no ``cells.h5ad`` (not a finished slide's results).
     """
+    import h5py
+    from anndata.io import read_elem
+
     from tme_pipeline.geojson import read_geojson
     from tme_pipeline.io.slides import open_slide
-    from tme_pipeline.results import CELLS, REGIONS_GEOJSON, TLS_GEOJSON, SlideResults
+    from tme_pipeline.results import CELLS, REGIONS_GEOJSON, REGIONS_NPZ, TLS_GEOJSON, SlideResults
+
+    from .cells_view import MAX_POINTS, read_cell_table
 
     folder = Path(folder)
     results = SlideResults(folder.name, folder)
-    # Backed: only obs and uns are read; the intensity matrices (10^6 cells x markers x
-    # compartments) are not needed for display.
-    cells = results.cells(backed=True)
-    info = cells.uns.get("slide", {})
-    pixel_um = float(info.get("pixel_um", cells.uns.get("pixel_um", 0.0)))
+    cells_file = results.file(CELLS)
+    if not cells_file.is_file():
+        raise FileNotFoundError(f"{cells_file}: no cell table; {folder} is not a finished slide's results")
+    # Only uns and three obs columns are read: a backed AnnData would still read all of obs.
+    with h5py.File(cells_file, "r") as f:
+        uns = read_elem(f["uns"]) if "uns" in f else {}
+    info = dict(uns.get("slide", {}))
+    pixel_um = float(info.get("pixel_um", uns.get("pixel_um", 0.0)))
     if not pixel_um > 0:
-        raise ValueError(f"{results.file(CELLS)}: no positive uns['slide']['pixel_um']")
+        raise ValueError(f"{cells_file}: no positive uns['slide']['pixel_um']")
+    table = read_cell_table(cells_file)
 
     layers: list[LayerData] = []
     slide_path = Path(str(info.get("path", "")))
+    extent = None
     if load_slide and info.get("path") and slide_path.exists():
         slide = open_slide(slide_path, channel_names=list(info["channels"]) if "channels" in info else None,
                            pixel_um=pixel_um)
+        extent = np.asarray(slide.shape_yx, np.float64) * pixel_um
         # Layers named by marker (PD-L1), not by the file's channel name (PDL1), where known.
         by_channel = {str(ch): str(m) for m, ch in dict(info.get("markers", {})).items()}
         layers += slide_layers(slide, markers=[by_channel.get(ch, ch) for ch in slide.channel_names])
@@ -354,13 +410,27 @@ def result_folder_layers(folder: str | Path, *, load_slide: bool = True) -> list
         overview = overview_layer(results)
         if overview is not None:
             layers.append(overview)
-    layers += label_layers(results, pixel_um=pixel_um)
-    for file, name in ((REGIONS_GEOJSON, "regions"), (TLS_GEOJSON, "TLS")):
-        path = results.file(file)
-        if path.is_file():
-            shapes = shapes_layer(read_geojson(path)[0], name=name)
-            if shapes is not None:
-                layers.append(shapes)
-    layers.append(cell_points_layer(cells))
-    cells.file.close()
+    labels = label_layers(results, pixel_um=pixel_um)
+    if extent is None and labels:
+        extent = np.asarray(labels[0][0][0].shape, np.float64) * pixel_um
+    layers += labels
+    if results.file(REGIONS_NPZ).is_file():
+        regions = region_labels_layer(*results.region_grids())
+    elif results.file(REGIONS_GEOJSON).is_file():
+        regions = shapes_layer(read_geojson(results.file(REGIONS_GEOJSON))[0], name="regions")
+    else:
+        regions = None
+    if regions is not None:
+        layers.append(regions)
+    if results.file(TLS_GEOJSON).is_file():
+        tls = shapes_layer(read_geojson(results.file(TLS_GEOJSON))[0], name="TLS")
+        if tls is not None:
+            layers.append(tls)
+    if extent is None and len(table):
+        extent = table.yx_um.max(axis=0).astype(np.float64) + 1.0
+    if extent is not None:
+        layers.append(cell_overview_layer(table, extent))
+    points = cell_points_layer(table, max_points=MAX_POINTS if max_points is None else max_points)
+    points[1]["metadata"]["cells_file"] = str(cells_file)
+    layers.append(points)
     return layers

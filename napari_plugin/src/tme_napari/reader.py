@@ -19,10 +19,39 @@ def is_result_folder(path: str | Path) -> bool:
 
 
 def read_result_folder(path: str | Path) -> list[tuple]:
-    """All layers of a result folder; see :func:`tme_napari.layers.result_folder_layers`."""
+    """All layers of a result folder; see :func:`tme_napari.layers.result_folder_layers`.
+
+    When a viewer is open and the slide has more cells than the Points layer holds at
+    open, that layer follows the camera (:func:`tme_napari.cells_view.follow_points_layer`)
+    once napari has added it.
+    """
     from .layers import result_folder_layers
 
-    return result_folder_layers(path)
+    layers = result_folder_layers(path)
+    data, kwargs, _ = layers[-1]
+    if kwargs["metadata"].get("n_cells", 0) > len(data):
+        _follow_once_added(kwargs["metadata"]["cells_file"])
+    return layers
+
+
+def _follow_once_added(cells_file: str) -> None:
+    # npe2 readers are not given the viewer: the current one is the one opening the folder.
+    try:
+        import napari
+    except ImportError:
+        return
+    viewer = napari.current_viewer()
+    if viewer is None:
+        return
+    from .cells_view import POINTS_LAYER, follow_points_layer
+
+    def added(event) -> None:
+        layer = event.value
+        if layer.name.startswith(POINTS_LAYER) and layer.metadata.get("cells_file") == cells_file:
+            viewer.layers.events.inserted.disconnect(added)
+            follow_points_layer(viewer, layer)
+
+    viewer.layers.events.inserted.connect(added)
 
 
 def read_slide_file(path: str | Path) -> list[tuple]:

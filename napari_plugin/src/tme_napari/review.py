@@ -18,14 +18,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSlider, Label, LineEdit, PushButton
 
+from .cells_view import POINTS_LAYER, follow_points_layer
 from .tls_browser import TLS_LAYER, tls_views, zoom_to
 
 if TYPE_CHECKING:
     import napari
 
-__all__ = ["ReviewWidget", "ring_um", "tls_outline_um", "gate_colors", "gate_histogram", "marker_values"]
+__all__ = ["ReviewWidget", "ring_um", "tls_outline_um", "gate_colors", "gate_histogram", "marker_values",
+           "bed_outlines_yx"]
 
-POINTS_LAYER = "cells (phenotype)"
 REGIONS_LAYER = "regions"
 DRAW_LAYER = "review: draw TLS"
 BED_LAYER = "review: tumour bed"
@@ -107,6 +108,34 @@ def marker_values(folder: str | Path, marker: str) -> np.ndarray:
         return np.asarray(column.toarray() if hasattr(column, "toarray") else column, dtype=np.float64).ravel()
     finally:
         cells.file.close()
+
+
+def bed_outlines_yx(path: str | Path) -> list[np.ndarray]:
+    """The tumour bed's outer rings of a regions GeoJSON as napari polygons.
+
+    Parameters
+    ----------
+    path : str or Path
+        ``regions.geojson`` (QuPath, level-0 pixels; the feature classified ``tumor``).
+
+    Returns
+    -------
+    list of numpy.ndarray, each (V, 2) float64 (y, x) µm
+        One per part of the bed; empty if the file has no bed or does not exist.
+    """
+    from tme_pipeline.geojson import read_geojson
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+    outlines = []
+    for geometry, props in read_geojson(path)[0]:
+        if (props.get("classification") or {}).get("name") != "tumor":
+            continue
+        for part in getattr(geometry, "geoms", [geometry]):
+            if part.geom_type == "Polygon" and not part.is_empty:
+                outlines.append(np.asarray(part.exterior.coords)[:-1, ::-1].copy())
+    return outlines
 
 
 class ReviewWidget(Container):
@@ -214,6 +243,9 @@ class ReviewWidget(Container):
         points = self._layer(POINTS_LAYER)
         if points is not None and "phenotype" in points.features:
             self._phenotypes = [str(c) for c in points.features["phenotype"].cat.categories]
+        if points is not None:
+            # A large slide opens with no points: the cells in view are put in once few enough.
+            follow_points_layer(self._viewer, points)
         folder = self.folder
         if folder is not None and not self._markers:
             from tme_pipeline.results import SlideResults
@@ -288,18 +320,21 @@ class ReviewWidget(Container):
     # --- tumour bed -------------------------------------------------------------------------------
 
     def edit_bed(self, *_) -> None:
-        """Copy the bed's outlines into an editable shapes layer (holes are not kept; TLS are carved again)."""
-        regions = self._layer(REGIONS_LAYER)
-        bed = []
-        if regions is not None:
-            names = regions.features["name"].astype(str).to_numpy()
-            types = list(regions.shape_type)
-            bed = [regions.data[i] for i in range(len(names)) if names[i] == "tumor" and types[i] == "polygon"]
+        """Load the bed's outlines from ``regions.geojson`` into an editable shapes layer.
+
+        Only now, not at open: the regions are shown as a coarse labels grid, and a slide's
+        outlines can have thousands of vertices. Holes are not kept; TLS are carved again.
+        """
+        from tme_pipeline.results import REGIONS_GEOJSON
+
+        folder = self._require_folder()
+        bed = bed_outlines_yx(folder / REGIONS_GEOJSON)
         if BED_LAYER in self._viewer.layers:
             self._viewer.layers.remove(BED_LAYER)
         self._viewer.add_shapes(bed, shape_type="polygon", name=BED_LAYER, units="micrometer", edge_color="red",
                                 face_color=[1, 0, 0, 0.15], edge_width=6.0)
         self._viewer.layers[BED_LAYER].mode = "direct"
+        self._say(f"{len(bed)} bed outline(s) to edit in '{BED_LAYER}'; press 'Keep edited bed' when done")
 
     def keep_bed(self, *_) -> None:
         """Queue the edited bed (every polygon of the bed layer) as the slide's tumour bed."""
@@ -360,9 +395,11 @@ class ReviewWidget(Container):
             self._gate_line.set_xdata([np.arcsinh(float(gate))] * 2)
             self._canvas.draw_idle()
         points = self._layer(POINTS_LAYER)
-        if points is None or self._values is None or len(self._values) != len(points.data):
+        if points is None or self._values is None:
             return
-        points.face_color = gate_colors(self._values, float(gate))
+        if len(points.data):
+            rows = points.features["row"].to_numpy() if "row" in points.features else np.arange(len(points.data))
+            points.face_color = gate_colors(self._values[rows], float(gate))
         n = int((self._values > float(gate)).sum())
         total = len(self._values)
         self.gate_info.value = f"{self.marker.value}+ : {n} of {total} cells ({100 * n / total:.1f} %)"
