@@ -13,7 +13,15 @@ import pandas as pd
 import pytest
 from test_napari_reader import N_CELLS, result_folder  # noqa: F401  (the fixture)
 
-from tme_napari.review import ReviewWidget, bed_outlines_yx, gate_colors, gate_histogram, ring_um, tls_outline_um
+from tme_napari.review import (
+    ReviewWidget,
+    bed_outlines_yx,
+    describe_correction,
+    gate_colors,
+    gate_histogram,
+    ring_um,
+    tls_outline_um,
+)
 from tme_pipeline.results import corrections_file
 
 
@@ -46,6 +54,14 @@ def test_bed_outlines_are_the_tumor_features_outer_rings(result_folder):  # noqa
     assert bed_outlines_yx(folder / "missing.geojson") == []
 
 
+def test_describe_correction_names_what_changes():
+    assert describe_correction("tls_delete", {"tls_id": 3, "polygon_um": []}) == "delete TLS 3"
+    assert describe_correction("tls_maturity", {"tls_id": 2, "maturity": "secondary"}) == "TLS 2 -> secondary"
+    assert describe_correction("phenotype_reassign", {"cell_ids": [1, 2], "phenotype": "B"}) == "2 cells -> B"
+    assert describe_correction("gate", {"marker": "CD3", "gate": 0.123456}) == "CD3 gate -> 0.1235"
+    assert "2 polygon" in describe_correction("bed_edit", {"polygons_um": [[], []]})
+
+
 def test_gate_colours_and_histogram():
     values = np.array([0.5, 2.0, 10.0, 100.0])
     colors = gate_colors(values, 5.0)
@@ -76,6 +92,15 @@ def test_scripted_review_in_napari_saves_every_kind(make_napari_viewer, result_f
     points = viewer.layers["cells (phenotype)"]
     points.selected_data = {0, 3, 5}
     widget.reassign_selected("tumor")
+    points.selected_data = {1}  # a tumour cell, reassigned by mistake and undone
+    before = np.asarray(points.face_color)[1].copy()
+    widget.reassign_selected("CD8_T")
+    assert not np.allclose(np.asarray(points.face_color)[1], before)
+    assert "5. 1 cells -> CD8_T" in widget.pending_info.value and len(widget.pending) == 5
+    assert widget.undo() == ("phenotype_reassign", {"cell_ids": [int(obs["cell_id"].iloc[1])], "phenotype": "CD8_T"})
+    np.testing.assert_allclose(np.asarray(points.face_color)[1], before)
+    assert len(widget.pending) == 4 and "CD8_T" not in widget.pending_info.value
+    assert "4. 3 cells -> tumor" in widget.pending_info.value
     widget.edit_bed()  # the bed's outline, read from regions.geojson only now
     bed_layer = viewer.layers["review: tumour bed"]
     assert bed_layer.nshapes == 1
@@ -109,6 +134,7 @@ def test_scripted_review_in_napari_saves_every_kind(make_napari_viewer, result_f
     assert len(stored["corrections"][4]["payload"]["polygons_um"]) == 2
     assert {c["who"] for c in stored["corrections"]} == {"dr_who"}
     assert widget.save() == [], "nothing pending: nothing appended"
+    assert widget.pending_info.value == "none" and widget.undo() is None
 
 
 def test_recompute_runs_in_a_worker_and_reloads(make_napari_viewer, result_folder, qtbot, monkeypatch):  # noqa: F811

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["CellTable", "read_cell_table", "rows_in_box", "overview_rgba", "points_kwargs", "show_rows",
-           "view_box_um", "canvas_size_px", "follow_camera", "follow_points_layer", "POINTS_LAYER", "OVERVIEW_LAYER", "MAX_POINTS"]
+           "view_box_um", "canvas_size_px", "follow_camera", "follow_points_layer", "POINTS_LAYER",
+           "OVERVIEW_LAYER", "MAX_POINTS"]
 
 POINTS_LAYER = "cells (phenotype)"
 OVERVIEW_LAYER = "cells (overview)"

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import napari
 
 __all__ = ["ReviewWidget", "ring_um", "tls_outline_um", "gate_colors", "gate_histogram", "marker_values",
-           "bed_outlines_yx"]
+           "bed_outlines_yx", "describe_correction"]
 
 REGIONS_LAYER = "regions"
 DRAW_LAYER = "review: draw TLS"
@@ -177,13 +177,16 @@ class ReviewWidget(Container):
         self.gate = FloatSlider(label="gate", min=0.0, max=1.0, value=0.5)
         self.gate_info = Label(value="")
         self.keep_gate_button = PushButton(text="Keep gate")
+        self.undo_button = PushButton(text="Undo last unsaved")
+        self.pending_info = Label(label="pending", value="none")
         self.save_button = PushButton(text="Save")
         self.recompute_button = PushButton(text="Recompute")
         self.status = Label(value="")
         self.extend([self.folder_edit, self.open_button, self.reviewer, self.tls_choice, self.next_button,
                      self.maturity, self.set_maturity_button, self.delete_button, self.add_button,
                      self.edit_bed_button, self.keep_bed_button, self.phenotype, self.reassign_button, self.marker,
-                     self.gate, self.gate_info, self.keep_gate_button, self.save_button, self.recompute_button,
+                     self.gate, self.gate_info, self.keep_gate_button, self.pending_info, self.undo_button,
+                     self.save_button, self.recompute_button,
                      self.status])
         self._histogram_canvas()
         self.open_button.clicked.connect(lambda: self.open(self.folder_edit.value))
@@ -198,6 +201,7 @@ class ReviewWidget(Container):
         self.marker.changed.connect(self._load_marker)
         self.gate.changed.connect(self._recolour)
         self.keep_gate_button.clicked.connect(self.keep_gate)
+        self.undo_button.clicked.connect(self.undo)
         self.save_button.clicked.connect(self.save)
         self.recompute_button.clicked.connect(self.recompute)
         viewer.layers.events.inserted.connect(self.refresh)
@@ -414,7 +418,30 @@ class ReviewWidget(Container):
 
     def _queue(self, kind: str, payload: dict) -> None:
         self.pending.append((kind, payload))
+        self._show_pending()
         self._say(f"{kind} queued; {len(self.pending)} correction(s) not saved")
+
+    def _show_pending(self) -> None:
+        lines = [f"{i}. {describe_correction(k, p)}" for i, (k, p) in enumerate(self.pending, start=1)]
+        self.pending_info.value = "\n".join(lines) or "none"
+
+    def undo(self, *_) -> tuple[str, dict] | None:
+        """Drop the last correction not yet saved (a reassignment's colours go back); returns it, or None."""
+        if not self.pending:
+            self._say("nothing to undo")
+            return None
+        kind, payload = self.pending.pop()
+        points = self._layer(POINTS_LAYER)
+        if kind == "phenotype_reassign" and points is not None and len(points.data):
+            back = np.flatnonzero(np.isin(points.features["cell_id"].to_numpy(), payload["cell_ids"]))
+            legend = points.metadata.get("phenotype_colors", {})
+            colors = np.asarray(points.face_color).copy()
+            for row in back:
+                colors[row] = legend.get(str(points.features["phenotype"].iloc[row]), colors[row])
+            points.face_color = colors
+        self._show_pending()
+        self._say(f"undid {kind}; {len(self.pending)} correction(s) not saved")
+        return kind, payload
 
     def save(self, *_) -> list:
         """Append the queued corrections to the slide's ``corrections.json``; returns the saved entries."""
@@ -428,6 +455,7 @@ class ReviewWidget(Container):
         saved = append_corrections(corrections_file(folder.parent.parent, folder.name), folder.name, self.pending,
                                    who=self.reviewer.value or None)
         self.pending = []
+        self._show_pending()
         self._say(f"saved {', '.join(c.id for c in saved)}; press Recompute to update the results")
         return list(saved)
 
@@ -454,6 +482,23 @@ class ReviewWidget(Container):
         self.open(folder)
         self._say(f"recomputed: ran {', '.join(slide.ran) or 'nothing'}" if slide.status != "error"
                   else f"recompute failed: {slide.error}")
+
+
+def describe_correction(kind: str, payload: dict) -> str:
+    """One line for the pending list, e.g. ``"delete TLS 3"``, ``"12 cells -> CD8_T"``."""
+    if kind == "tls_delete":
+        return f"delete TLS {payload['tls_id']}"
+    if kind == "tls_maturity":
+        return f"TLS {payload['tls_id']} -> {payload['maturity']}"
+    if kind == "tls_add":
+        return f"add a {payload['maturity']} TLS ({len(payload['polygon_um'])} vertices)"
+    if kind == "phenotype_reassign":
+        return f"{len(payload['cell_ids'])} cells -> {payload['phenotype']}"
+    if kind == "bed_edit":
+        return f"tumour bed redrawn ({len(payload['polygons_um'])} polygon(s))"
+    if kind == "gate":
+        return f"{payload['marker']} gate -> {payload['gate']:.4g}"
+    return kind
 
 
 def _stored_gates(folder: Path) -> dict[str, float]:
