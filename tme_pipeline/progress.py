@@ -104,11 +104,19 @@ def _clock(seconds: float) -> str:
 class StageProgress:
     """The tile count of one stage of one slide, shown as its mode says.
 
-    Attributes
+    Made by :func:`progress`, which feeds it from the Dask scheduler.
+
+    Parameters
     ----------
     label : str
         E.g. ``'P01_pre segment'``.
     mode : {'bars', 'log', 'quiet'}
+        Resolved (:func:`resolve_mode`).
+    every_s : float
+        Log mode: at most one line this often (s).
+
+    Attributes
+    ----------
     done, total : int
         Tile tasks finished and found so far (``total`` grows with each computation
         of the block that has tile tasks).
@@ -282,10 +290,17 @@ def _batch_format(failed: int) -> str:
 class BatchProgress:
     """Slides done and failed out of a batch; see :func:`batch_progress`.
 
+    Parameters
+    ----------
+    total : int
+        Slides in the batch.
+    mode : {'bars', 'log', 'quiet'}
+        Resolved (:func:`resolve_mode`).
+
     Attributes
     ----------
-    total, done, failed : int
-        Slides in the batch, finished (failed ones included), failed.
+    done, failed : int
+        Slides finished (failed ones included), and failed.
     """
 
     def __init__(self, total: int, *, mode: str) -> None:
@@ -324,6 +339,7 @@ class BatchProgress:
             self._bar.update(1)
 
     def close(self) -> None:
+        """Remove the bar (the block of :func:`batch_progress` does it)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
