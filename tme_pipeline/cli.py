@@ -93,7 +93,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = run_cohort(
         args.manifest,
         args.out,
-        config=_with_progress(_with_overrides(load_config(args.config), device=args.device), args),
+        config=_with_progress(_with_run_options(_with_overrides(load_config(args.config), device=args.device), args),
+                              args),
         config_path=args.config,
         scheduler=args.scheduler,
         pixel_um=args.pixel_um,
@@ -114,6 +115,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if result.n_failed:
         print(f"{result.n_failed} slide(s) failed: see run.json", file=sys.stderr)
     return 1 if result.n_failed or failed_files else 0
+
+
+def _with_run_options(config, args: argparse.Namespace):
+    """The config with ``--workers`` and ``--cluster``: ``--workers N`` alone starts a local cluster of N."""
+    if args.workers is None and args.cluster is None:
+        return config
+    if args.scheduler and "://" in args.scheduler:
+        raise ValueError(f"--scheduler {args.scheduler} connects to a running cluster: "
+                         "--workers and --cluster start one; give either")
+    update = {"n_workers": args.workers} if args.workers is not None else {}
+    if args.cluster is not None:
+        update["cluster"] = str(args.cluster)
+    elif not args.scheduler:
+        update["scheduler"] = "local-cluster"
+    return config.model_copy(update={"run": config.run.model_copy(update=update)})
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _cohort_file_errors(out: Path) -> list[str]:
@@ -206,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--config", type=Path, default=None, help="YAML merged over configs/default.yaml")
     p.add_argument("--scheduler", default=None, help="threads | processes | local-cluster | tcp://host:port")
+    p.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                   help="start a local Dask cluster of N worker processes (run.threads_per_worker threads each); "
+                        "with --cluster: N SLURM jobs")
+    p.add_argument("--cluster", type=Path, default=None, metavar="FILE",
+                   help="start workers on SLURM from a dask-jobqueue cluster file (configs/cluster-slurm.yaml)")
     p.add_argument("--pixel-um", type=float, default=None, help="pixel size (µm) for slides without one")
     p.add_argument("--device", default=None, help="StarDist device: auto | cpu | cuda | cuda:N")
     p.add_argument("--force", action="store_true", help="recompute every stage, even those up to date")

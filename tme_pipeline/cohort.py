@@ -16,7 +16,7 @@ from .config import Config, load_config
 from .io.manifest import Manifest, read_manifest
 from .io.results import remove_stale_partials, write_json
 from .lock import output_lock
-from .parallel import dask_scheduler
+from .parallel import SchedulerInfo, run_scheduler
 from .pipeline import SlideResult, run_slide
 from .progress import batch_progress
 from .provenance import provenance
@@ -123,8 +123,7 @@ def _run_locked(manifest: Manifest, out: Path, config: Config, config_path, sche
         **provenance(config),
     }
     results: list[SlideResult] = []
-    scheduler = scheduler or config.run.scheduler
-    with dask_scheduler(scheduler, n_workers=config.run.n_workers) as scheduler_info, \
+    with run_scheduler(config, scheduler) as scheduler_info, \
             batch_progress(len(manifest.rows), mode=config.run.progress) as batch:
         for row in manifest.rows:
             t0 = time.perf_counter()
@@ -261,7 +260,7 @@ def _run_record(
     header: dict,
     results: list[SlideResult],
     started: datetime,
-    scheduler: str,
+    scheduler: SchedulerInfo,
     *,
     done: bool = False,
 ) -> dict:
@@ -270,7 +269,7 @@ def _run_record(
         "status": "complete" if done else "running",
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds") if done else None,
-        "scheduler": scheduler,
+        "scheduler": scheduler.record(),
         **header,
         "slides": [
             {
