@@ -189,7 +189,7 @@ def _measure_tile(nuc: np.ndarray, cell: np.ndarray, img: np.ndarray, tile: Tile
                   membrane_px: float, peri_px: float, guard: int, n_rays: int,
                   neighbours: _NeighbourPlan | None = None) -> CellTable:
     ny, nx = shape_yx
-    ids, inverse, count = np.unique(nuc.ravel(), return_inverse=True, return_counts=True)
+    ids, inverse, count = _unique_labels(nuc)
     h, w = nuc.shape
     yy = np.repeat(np.arange(h, dtype=np.float64), w)
     xx = np.tile(np.arange(w, dtype=np.float64), h)
@@ -246,6 +246,20 @@ def _correct_neighbours(table: CellTable, nuc, cell, img, owned, plan: _Neighbou
         seen = result.n_px[pos] > 0  # an empty compartment keeps its fallback (the membrane ring)
         means = table.means[layer]
         means[np.ix_(np.flatnonzero(seen), cols)] = result.corrected_mean[pos[seen]]
+
+
+def _unique_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``np.unique(labels.ravel(), return_inverse=True, return_counts=True)`` by counting, not sorting.
+
+    Label ids are bounded by the slide's object count, so a count per id is small, and
+    O(pixels) beats the sort (a sixth of the measuring stage's own CPU time).
+    """
+    flat = labels.ravel()
+    counts = np.bincount(flat)
+    ids = np.flatnonzero(counts)
+    lut = np.zeros(counts.size, np.intp)
+    lut[ids] = np.arange(ids.size)
+    return ids.astype(labels.dtype), lut[flat], counts[ids]
 
 
 def _local_ids(labels: np.ndarray, owned: np.ndarray) -> np.ndarray:

@@ -52,7 +52,8 @@ def convex_hull_px(label_image: np.ndarray, n_labels: int) -> np.ndarray:
     if sel.size == 0:
         return np.zeros(n_labels, np.int64)
     lab = flat[sel].astype(np.int64)
-    order = np.argsort(lab, kind="stable")  # by label, then raster order: row, then column
+    # By label, then raster order (row, column); a stable sort of 16-bit keys is a radix sort.
+    order = np.argsort(lab.astype(np.uint16) if n_labels < 2**16 else lab, kind="stable")
     sel, lab = sel[order], lab[order]
     y, x = np.divmod(sel, w)
     key = lab * h + y
