@@ -113,6 +113,19 @@ def test_new_segmentation_parameters_rerun_everything(baseline, tmp_path):
     assert open_results(out).record("S")["stages"] == {"ran": ALL, "reused": []}
 
 
+def test_execution_settings_do_not_rerun_segmentation(baseline, tmp_path):
+    # A run moved to another device or batch size, or given another bound on concurrent
+    # passes, gives the same nuclei: the finished slide is left alone.
+    out = _copy(baseline, tmp_path)
+    execution = ("segmentation: {method: classic, stardist: {device: cpu, batch_size: 3, "
+                 "concurrent_passes: 2}}\n")
+    slide = _run(baseline, out, execution)
+    assert slide.status == "skipped" and slide.reused == tuple(ALL)
+    # ...while a threshold that decides the nuclei does rerun it
+    slide = _run(baseline, out, "segmentation: {method: classic, stardist: {prob_thresh: 0.4}}\n")
+    assert slide.ran == tuple(ALL)
+
+
 def test_up_to_date_slide_is_left_alone(baseline, tmp_path):
     out = _copy(baseline, tmp_path)
     stamp = (out / "slides" / "S" / "cells.h5ad").stat().st_mtime_ns

@@ -253,6 +253,16 @@ def segmentation_function(config: Config, *, pixel_um: float, nuclear_lowres: np
     raise ValueError(f"unknown segmentation method {seg.method!r}")
 
 
+# What decides the nuclei: how a run executes (device, batch size, concurrent passes) does
+# not, since fp32 gives the same nuclei on every device and tiling; so a new execution
+# setting, or moving a run to a GPU server, never re-segments finished slides.
+_SEGMENT_READS = (
+    "segmentation.method", "segmentation.channel", "segmentation.tile_um", "segmentation.overlap_um",
+    "segmentation.classic", "segmentation.stardist.model", "segmentation.stardist.prob_thresh",
+    "segmentation.stardist.nms_thresh", "segmentation.stardist.precision",
+)
+
+
 def _segment_inputs(inputs: SlideInputs) -> dict:
     """The slide file and, for StarDist, a digest of the model folder (weights and thresholds)."""
     path = Path(inputs.slide.path)
@@ -675,7 +685,7 @@ def _corrections_of(stage: str) -> Callable[[SlideInputs], dict]:
 
 #: The stages of ``tme run``, in order.
 STAGES: tuple[Stage, ...] = (
-    Stage("segment", segment_stage, reads=("segmentation",), writes=(LABELS,), inputs=_segment_inputs),
+    Stage("segment", segment_stage, reads=_SEGMENT_READS, writes=(LABELS,), inputs=_segment_inputs),
     Stage("cells", cells_stage, reads=("cells.expand_um",), writes=(f"{LABELS}/labels/cells",), upstream=("segment",)),
     Stage("measure", measure_stage, reads=("cells", "panel", "channel_map", "channel_names"), writes=(MEASURED,),
           upstream=("cells",), inputs=lambda inputs: {"markers": dict(_panel(inputs, "measure").channels)}),
