@@ -37,7 +37,7 @@ import numpy as np
 import zarr
 
 from ._grid import Box, Tile, TileGrid
-from ._tasks import map_tiles, output_array
+from ._tasks import map_tiles, output_array, shared_args
 
 __all__ = ["StitchResult", "segment_tiled"]
 
@@ -140,12 +140,13 @@ def segment_tiled(
         )
         owned = map_tiles(_segment_and_stash, [image], grid=grid, margin_px=grid.overlap_px,
                           args=(segment_tile, stash))
+        grid_key, stash_key, out_key = shared_args(grid, stash, out)
         keeps = []
         for tile in grid.tiles:
             earlier = [t.index for t in grid.tiles_touching(tile.padded) if t.index < tile.index]
             keeps.append(
                 dask.delayed(_resolve_contested, pure=False)(
-                    owned[tile.index], [owned[i] for i in earlier], grid, stash
+                    owned[tile.index], [owned[i] for i in earlier], grid_key, stash_key
                 )
             )
         luts = dask.delayed(_global_ids, pure=False)(keeps)
@@ -154,7 +155,7 @@ def segment_tiled(
             sources = [t.index for t in grid.tiles_touching(tile.core)]
             writes.append(
                 dask.delayed(_write_core, pure=False)(
-                    tile, [luts[i] for i in sources], grid, stash, out
+                    tile, [luts[i] for i in sources], grid_key, stash_key, out_key
                 )
             )
         summary = dask.delayed(_summarise, pure=False)(owned, keeps)
