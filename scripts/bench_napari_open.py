@@ -43,7 +43,7 @@ def _measure(folder: str, without: tuple[str, ...] = ()) -> dict:
     viewer.screenshot(canvas_only=True, flash=False)  # the empty canvas drawn once: startup is not counted
     before_mb = _rss_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the peak RSS (VmHWM) restarts from here
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     # What the reader does (viewer.open(folder, plugin="tme-napari")), step by step to time each part.
     layers = [layer for layer in result_folder_layers(folder) if layer[2] not in without]
     read = time.perf_counter() - start
@@ -58,7 +58,8 @@ def _measure(folder: str, without: tuple[str, ...] = ()) -> dict:
     points = viewer.layers["cells (phenotype)"]
     images = [layer for layer in viewer.layers if layer._type_string == "image"]
     result = {"folder": folder, "without": list(without), "n_layers": len(viewer.layers),
-              "n_cells": int(len(points.data)),
+              "n_cells": int(points.metadata.get("n_cells", len(points.data))),
+              "n_points_shown": int(len(points.data)),
               "slide_extent_um": [float(v) for v in images[0].extent.world[1] - images[0].extent.world[0]],
               "data_level_shown": int(images[0].data_level), "n_levels": len(images[0].data),
               "seconds_layer_data": round(read, 2),
@@ -66,6 +67,39 @@ def _measure(folder: str, without: tuple[str, ...] = ()) -> dict:
               "seconds_to_first_picture": round(first, 2), "picture_nonblank": bool(picture[..., :3].max() > 0),
               "rss_mb_before_open": round(before_mb, 1), "peak_rss_mb_during_open": round(_rss_mb("VmHWM"), 1)}
     result["peak_rss_mb_over_before"] = round(result["peak_rss_mb_during_open"] - before_mb, 1)
+    result["cpu_seconds_open"] = round(time.process_time() - cpu_start, 2)
+    viewer.close()
+    return result
+
+
+def _measure_points(n: int) -> dict:
+    """What a napari Points layer of ``n`` cells costs: add + first picture, CPU and peak RSS over before."""
+    import napari
+    import numpy as np
+    import pandas as pd
+
+    from tme_napari.cells_view import CellTable, points_kwargs
+
+    viewer = napari.Viewer(show=True)
+    viewer.window._qt_window.resize(1200, 900)
+    viewer.screenshot(canvas_only=True, flash=False)
+    rng = np.random.default_rng(0)
+    side = float(np.sqrt(n / 3000.0)) * 1000.0  # 3000 cells/mm², a tissue-like density
+    table = CellTable.from_obs(pd.DataFrame({
+        "x_um": rng.random(n) * side, "y_um": rng.random(n) * side,
+        "phenotype": pd.Categorical.from_codes(rng.integers(0, 6, n),
+                                               ["CD8_T", "CD4_T", "Treg", "B", "tumor", "other"]),
+    }))
+    before_mb = _rss_mb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    cpu, start = time.process_time(), time.perf_counter()
+    data, kwargs = points_kwargs(table, np.arange(n))
+    viewer.add_points(data, **kwargs)
+    viewer.reset_view()
+    viewer.screenshot(canvas_only=True, flash=False)
+    result = {"n_points": n, "seconds_to_first_picture": round(time.perf_counter() - start, 2),
+              "cpu_seconds": round(time.process_time() - cpu, 2),
+              "peak_rss_mb_over_before": round(_rss_mb("VmHWM") - before_mb, 1)}
     viewer.close()
     return result
 
@@ -80,7 +114,15 @@ def tile_result_folder(src: Path, dst: Path, k: int, slide: Path) -> Path:
     from tme_pipeline.geojson import feature_collection, write_geojson
     from tme_pipeline.io.labels import create_labels_zarr, write_label_pyramid
     from tme_pipeline.io.slides import open_slide
-    from tme_pipeline.results import CELLS, LABELS, REGIONS_GEOJSON, STAGES_JSON, TLS_GEOJSON, SlideResults
+    from tme_pipeline.results import (
+        CELLS,
+        LABELS,
+        REGIONS_GEOJSON,
+        REGIONS_NPZ,
+        STAGES_JSON,
+        TLS_GEOJSON,
+        SlideResults,
+    )
 
     results = SlideResults(src.name, src)
     cells = results.cells()
@@ -115,6 +157,11 @@ def tile_result_folder(src: Path, dst: Path, k: int, slide: Path) -> Path:
     tiled.uns["slide"] = {**info, "path": str(slide), "shape_yx": list(big.shape_yx),
                           "channels": list(big.channel_names)}
     tiled.write_h5ad(dst / CELLS)
+    if (src / REGIONS_NPZ).is_file():
+        with np.load(src / REGIONS_NPZ, allow_pickle=False) as z:
+            names = [str(n) for n in z["mask_names"]]
+            np.savez_compressed(dst / REGIONS_NPZ, mask_names=z["mask_names"], grid_um=z["grid_um"],
+                                **{f"mask_{n}": np.tile(z[f"mask_{n}"], (k, k)) for n in names})
     for name in (REGIONS_GEOJSON, TLS_GEOJSON):
         collection = json.loads((src / name).read_text())
         features = []
@@ -144,10 +191,16 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--without", nargs="*", default=[], metavar="TYPE",
                         help="leave out layers of these types (image, labels, shapes, points)")
+    parser.add_argument("--points", nargs="*", type=int, default=[], metavar="N",
+                        help="also measure a Points layer of N cells alone (RSS and CPU against N)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--measure-points", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(_measure(args.measure, tuple(args.without))))
+        return
+    if args.measure_points:
+        print(json.dumps(_measure_points(args.measure_points)))
         return
     folders = list(args.folders)
     if args.tile:
@@ -161,8 +214,36 @@ def main() -> None:
                                   capture_output=True, text=True, check=True)
             runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(json.dumps(runs[-1]))
+    points = []
+    for n in args.points:
+        done = subprocess.run([sys.executable, __file__, "--measure-points", str(n)],
+                              capture_output=True, text=True, check=True)
+        points.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(json.dumps(points[-1]))
     if args.json:
-        args.json.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"runs": runs, "points_layer": points, "summary": _summary(runs)},
+                                        indent=2) + "\n")
+
+
+def _summary(runs: list[dict]) -> dict:
+    """Per folder the best of its repeats, and the largest over the smallest (by cell count)."""
+    best = {}
+    for run in runs:
+        b = best.setdefault(run["folder"], dict(run))
+        for key in ("seconds_to_first_picture", "cpu_seconds_open", "peak_rss_mb_during_open",
+                    "peak_rss_mb_over_before"):
+            b[key] = min(b[key], run[key])
+    rows = sorted(best.values(), key=lambda r: r["n_cells"])
+    out = {"folders": [{k: r[k] for k in ("folder", "n_cells", "n_points_shown", "slide_extent_um",
+                                          "seconds_to_first_picture", "cpu_seconds_open",
+                                          "peak_rss_mb_during_open", "peak_rss_mb_over_before")} for r in rows]}
+    if len(rows) >= 2:
+        small, large = rows[0], rows[-1]
+        out["largest_over_smallest"] = {
+            key: round(large[key] / small[key], 2) if small[key] else None
+            for key in ("n_cells", "seconds_to_first_picture", "cpu_seconds_open", "peak_rss_mb_during_open",
+                        "peak_rss_mb_over_before")}
+    return out
 
 
 if __name__ == "__main__":

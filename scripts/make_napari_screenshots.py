@@ -3,8 +3,9 @@
     xvfb-run -a .venv/bin/python scripts/make_napari_screenshots.py OUT/slides/<slide_id> docs/images
 
 Writes ``napari_markers.png`` (the marker channels), ``napari_labels.png`` (nuclei and cells
-labels over DAPI, zoomed in), ``napari_phenotypes.png`` (cells as points by phenotype),
-``napari_regions_tls.png`` (regions and TLS shapes over the markers) and ``napari_review.png``
+labels over DAPI, zoomed in), ``napari_phenotypes.png`` (cells as points by phenotype over their
+overview raster),
+``napari_regions_tls.png`` (the regions labels grid and TLS shapes over the markers) and ``napari_review.png``
 (the whole window with the review widget, a TLS chosen and the CD8 gate recolouring the cells).
 """
 
@@ -30,9 +31,8 @@ def main() -> None:
     viewer.window._qt_window.resize(1500, 950)
     layers = viewer.open(str(args.folder), plugin="tme-napari")
     viewer.scale_bar.visible = True
-    viewer.layers["regions"].text.visible = False  # one label per hole of the margin band hides the slide
     names = [layer.name for layer in layers]
-    images = [layer.name for layer in layers if layer._type_string == "image"]
+    images = [layer.name for layer in layers if layer._type_string == "image" and layer.name != "cells (overview)"]
 
     def only(visible):
         for name in names:
@@ -56,7 +56,7 @@ def main() -> None:
     viewer.camera.center, viewer.camera.zoom = tuple(centre), 8.0
     shot("napari_labels.png")
     viewer.reset_view()
-    only([images[0], "cells (phenotype)"])
+    only([images[0], "cells (overview)", "cells (phenotype)"])
     shot("napari_phenotypes.png")
     only([*images, "regions", "TLS"])
     shot("napari_regions_tls.png")
