@@ -123,13 +123,20 @@ def network_forward(slide: Path, config_path: Path | None, out_json: Path) -> No
         forward_wall = time.perf_counter() - start
     per_tile = np.array(per_tile)
     out_json.write_text(json.dumps({
-        "n_tiles": grid.n_tiles, "scheduler": scheduler,
+        "n_tiles": grid.n_tiles, "scheduler": _plain(scheduler),
         "forward_wall_s": round(forward_wall, 2),
         "forward_sum_s": round(float(per_tile[:, 1].sum()), 2),
         "read_sum_s": round(float(per_tile[:, 0].sum()), 2),
         "window_mpx": round(float(per_tile[:, 2].sum()) / 1e6, 2),
         "setup_s": round(ready - t0, 2),
     }) + "\n")
+
+
+def _plain(value) -> object:
+    """A JSON-able form of the scheduler description (a dataclass or a string)."""
+    import dataclasses
+
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else str(value)
 
 
 def _forward_tile(window, tile, box, seg) -> tuple[float, float, int]:
