@@ -154,7 +154,7 @@ def _cohort_file_errors(out: Path) -> list[str]:
 def _cmd_recompute(args: argparse.Namespace) -> int:
     from .recompute import recompute
 
-    result = recompute(args.out, slide_id=args.slide)
+    result = recompute(args.out, slide_id=args.slide, progress="quiet" if args.quiet else None)
     for slide in result.slides:
         detail = slide.error if slide.status == "error" else f"ran {', '.join(slide.ran) or 'nothing'}"
         corrections = slide.info.get("corrections") if slide.info else None

@@ -225,9 +225,9 @@ def _check_model(config: Config) -> None:
     """Load the nucleus model once: a missing or broken model fails the run, not every slide."""
     if config.segmentation.method == "stardist":
         from .segment.registry import model_folder
-        from .segment.weights import load_model
+        from .segment.weights import cached_model
 
-        load_model(model_folder(config.segmentation.stardist.model))
+        cached_model(model_folder(config.segmentation.stardist.model))
 
 
 def _check_writable(out: Path) -> None:

@@ -48,10 +48,10 @@ def _models(config: Config) -> dict:
     if seg.method != "stardist":
         return {seg.method: None}  # the classical segmenter has no weights
     from .segment.registry import model_folder
-    from .segment.weights import load_model
+    from .segment.weights import cached_model
 
     try:
-        model = load_model(model_folder(seg.stardist.model))
+        model = cached_model(model_folder(seg.stardist.model))
     except (FileNotFoundError, ValueError) as error:
         return {"stardist": {"model": seg.stardist.model, "error": str(error)}}
     return {

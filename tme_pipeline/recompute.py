@@ -56,7 +56,7 @@ def _recorded_config(run: dict, out: Path):
         return load_config(run.get("config_file"))
 
 
-def recompute(out: str | Path, *, slide_id: str | None = None) -> RecomputeResult:
+def recompute(out: str | Path, *, slide_id: str | None = None, progress: str | None = None) -> RecomputeResult:
     """Re-run the manifest and config recorded in ``OUT/run.json``: only stale stages run.
 
     Parameters
@@ -65,6 +65,8 @@ def recompute(out: str | Path, *, slide_id: str | None = None) -> RecomputeResul
         A results folder of ``tme run``.
     slide_id : str, optional
         Only this slide; the other slides' entries of ``run.json`` are kept as they are.
+    progress : str, optional
+        ``run.progress`` for this recompute (auto | bars | log | quiet); default: as recorded.
 
     Returns
     -------
@@ -92,6 +94,9 @@ def recompute(out: str | Path, *, slide_id: str | None = None) -> RecomputeResul
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{run_path}: the manifest it names ({manifest_path}) is not found")
     config = _recorded_config(run, out)
+    if progress is not None:
+        # how progress is shown is not part of what was computed, so it may differ from the record
+        config = config.model_copy(update={"run": config.run.model_copy(update={"progress": progress})})
     if slide_id is None:
         result = run_cohort(manifest_path, out, config=config, config_path=run.get("config_file"))
         slides = result.slides

@@ -221,10 +221,10 @@ def segmentation_function(config: Config, *, pixel_um: float, nuclear_lowres: np
     if seg.method == "stardist":
         from .segment.predict import make_tile_segmenter, slide_norm
         from .segment.registry import model_folder
-        from .segment.weights import load_model
+        from .segment.weights import cached_model
 
         settings = seg.stardist
-        model = load_model(model_folder(settings.model))
+        model = cached_model(model_folder(settings.model))
         return make_tile_segmenter(
             model,
             pixel_um=pixel_um,
@@ -235,6 +235,7 @@ def segmentation_function(config: Config, *, pixel_um: float, nuclear_lowres: np
             precision=None if settings.precision == "auto" else settings.precision,
             batch_size=settings.batch_size,
             n_threads=config.run.torch_threads,
+            concurrent_passes=settings.concurrent_passes,
         )
     if seg.method == "classic":
         from .segment.classic import classic_threshold, segment_nuclei_classic
