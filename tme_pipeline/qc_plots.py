@@ -90,7 +90,12 @@ def plot_gates(cells: ad.AnnData, path: str | os.PathLike, *, bins: int = 120) -
         raise ValueError("uns['gates'] names no marker of the cell table")
     ncols = min(4, len(markers))
     nrows = -(-len(markers) // ncols)
-    fig = Figure(figsize=(3.6 * ncols, 2.8 * nrows), layout="constrained")
+    height = 2.8 * nrows
+    fig = Figure(figsize=(3.6 * ncols, height))
+    # Fixed margins (inches turned into figure fractions) for the two-line titles and the
+    # axis labels: constrained layout measured every log-scale tick and took half the stage.
+    fig.subplots_adjust(left=0.55 / (3.6 * ncols), right=1 - 0.1 / (3.6 * ncols),
+                        bottom=0.5 / height, top=1 - 0.45 / height, wspace=0.28, hspace=0.75)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, marker in zip(axes, markers):
         g = gates[marker]
@@ -106,7 +111,8 @@ def plot_gates(cells: ad.AnnData, path: str | os.PathLike, *, bins: int = 120) -
                          f"({100 * float(g['positive_fraction']):.1f}% of all cells)")
         t = t[np.isfinite(t)]
         if t.size:
-            ax.hist(t, bins=bins, color="#7f7f7f", log=True)
+            # one filled outline, not a patch per bar: a tenth of the drawing and layout time
+            ax.hist(t, bins=bins, color="#7f7f7f", log=True, histtype="stepfilled")
         if np.isfinite(g["cofactor"]):
             ax.axvline(0.0, color="#bbbbbb", linestyle="--", linewidth=1)
         if np.isfinite(gate):
