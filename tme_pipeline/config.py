@@ -31,6 +31,7 @@ __all__ = [
     "CompensationConfig",
     "load_config",
     "default_config_path",
+    "read_yaml_mapping",
 ]
 
 _DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
@@ -348,21 +349,31 @@ def load_config(path: str | Path | None = None) -> Config:
         If the YAML does not parse or a key is unknown or invalid; the message names
         the file and every offending key.
     """
-    defaults = _read_yaml(_DEFAULT_CONFIG)
+    defaults = read_yaml_mapping(_DEFAULT_CONFIG)
     data = defaults
     source = _DEFAULT_CONFIG
     if path is not None:
         source = Path(path)
-        data = _deep_merge(defaults, _read_yaml(source))
+        data = _deep_merge(defaults, read_yaml_mapping(source))
     try:
         return Config.model_validate(data)
     except ValidationError as error:
         raise ValueError(f"{source}: invalid configuration:\n{_format_errors(error)}") from None
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml_mapping(path: str | Path, *, kind: str = "configuration") -> dict:
+    """A YAML file holding one mapping (``yaml.safe_load``); empty gives ``{}``.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file; the message names it and the `kind` of file.
+    ValueError
+        Not YAML, or not a mapping.
+    """
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: configuration file not found")
+        raise FileNotFoundError(f"{path}: {kind} file not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
@@ -370,5 +381,5 @@ def _read_yaml(path: Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a configuration must be a mapping of sections, got {type(data).__name__}")
+        raise ValueError(f"{path}: a {kind} file must be a mapping of settings, got {type(data).__name__}")
     return data

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import dask
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 if TYPE_CHECKING:
@@ -158,15 +157,10 @@ def read_slurm_spec(path: str | Path) -> SlurmSpec:
     ValueError
         Not YAML, not a mapping, or a key unknown or invalid; the message names the file and the keys.
     """
+    from .config import read_yaml_mapping
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: cluster file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML: {error}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a cluster file must be a mapping of SLURMCluster settings")
+    data = read_yaml_mapping(path, kind="cluster")
     try:
         spec = SlurmSpec.model_validate(data)
     except ValidationError as error:
