@@ -287,13 +287,22 @@ def test_scripted_review_changes_exactly_what_it_should(reviewed, tmp_path):
         want[f"tls_{m}_count"] = before_metrics[f"tls_{m}_count"] - d
     gone_area = next(r["area_um2"] for r in before_tls["tls"] if r["tls_id"] == gone)
     want["tls_area_fraction"] += 100 * (drawn.area - gone_area) * 1e-6 / areas["tissue"]
-    where = {"tissue": np.ones(10, bool), "tumor": reassigned["in_tumor"].to_numpy()}
+    # densities are over viable tissue: a reassigned cell on necrosis moves none of them, and
+    # each density's denominator is its region's area without necrosis
+    masks, grid_um = slide.region_grids()
+    necrosis = masks.get("necrosis", np.zeros((1, 1), bool))
+    rows = np.clip((reassigned["y_um"].to_numpy() / grid_um).astype(int), 0, necrosis.shape[0] - 1)
+    cols = np.clip((reassigned["x_um"].to_numpy() / grid_um).astype(int), 0, necrosis.shape[1] - 1)
+    viable = ~necrosis[rows, cols] if necrosis.any() else np.ones(10, bool)
+    in_tumor = reassigned["in_tumor"].to_numpy()
+    where = {"tissue": np.ones(10, bool), "tumor": in_tumor,
+             "tumor_margin": in_tumor | (reassigned["region"] == "margin").to_numpy()}
     where.update({r: (reassigned["region"] == r).to_numpy() for r in ("tumor_core", "margin", "stroma")})
     for region, mask in where.items():
-        k = int(mask.sum())
+        k = int((mask & viable).sum())
         if before_metrics.get(f"density_CD8_T_{region}") is None or k == 0:
             continue
-        area = areas[region]
+        area = before_metrics[f"area_{region}_without_necrosis_mm2"]
         n = round(before_metrics[f"density_CD8_T_{region}"] * area / (before_metrics[f"fraction_CD8_T_{region}"] / 100))
         want[f"density_CD8_T_{region}"] -= k / area
         want[f"density_CD4_T_{region}"] += k / area
