@@ -85,3 +85,17 @@ def make_nuclei(
     image = ndi.gaussian_filter(intensity * texture, 0.7 / pixel_um * 0.5)
     image = image + 0.05 + 0.03 * rng.standard_normal(shape_yx)
     return image.astype(np.float32), truth
+
+
+#: The trial's eight-channel panel, in the order :func:`panel_image` writes it.
+PANEL_NAMES = ["DAPI", "CD3", "CD8", "CD20", "CD21", "FOXP3", "PDL1", "SATB2"]
+
+
+def panel_image(shape: tuple[int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A (8, Y, X) slide of :data:`PANEL_NAMES`: DAPI nuclei, low noise in the other markers and
+    CD8 bright (+400) on every nucleus, to check intensities; with the nuclei's truth labels."""
+    dapi, truth = make_nuclei(shape, seed=seed)
+    rng = np.random.default_rng(0)
+    others = rng.integers(0, 50, size=(7, *dapi.shape)).astype(dapi.dtype)
+    others[1][truth > 0] += 400
+    return np.concatenate([dapi[None], others]), truth

@@ -4,24 +4,20 @@ import numpy as np
 import pytest
 import zarr
 
-from blobs import make_nuclei
+from blobs import PANEL_NAMES as NAMES
+from blobs import panel_image
 from slide_writers import write_ome_tiff, write_ome_zarr, write_plain_tiff, write_qptiff
 from tme_pipeline.cli import main
 from tme_pipeline.results import open_results
 from tme_pipeline.segment.metrics import match_labels
 from tme_pipeline.stages import STAGES
 
-NAMES = ["DAPI", "CD3", "CD8", "CD20", "CD21", "FOXP3", "PDL1", "SATB2"]
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("cohort")
-    dapi, truth = make_nuclei((768, 640), seed=3)
-    rng = np.random.default_rng(0)
-    others = rng.integers(0, 50, size=(7, *dapi.shape)).astype(dapi.dtype)
-    others[1][truth > 0] += 400  # CD8 bright on every nucleus, to check intensities
-    data = np.concatenate([dapi[None], others])
+    data, truth = panel_image((768, 640), seed=3)
     (root / "slides").mkdir()
     write_ome_tiff(root / "slides" / "A_pre.ome.tif", data, pixel_um=0.5, channel_names=NAMES)
     write_qptiff(

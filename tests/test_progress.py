@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from tqdm import tqdm
 
-from blobs import make_nuclei
+from blobs import PANEL_NAMES as NAMES
+from blobs import panel_image
 from slide_writers import write_ome_tiff
 from tme_pipeline.cli import main
 from tme_pipeline.cohort import run_cohort
@@ -19,7 +20,6 @@ from tme_pipeline.stages import STAGES
 from tme_pipeline.tiling import map_tiles, tile_grid
 
 LOGGER = "tme_pipeline.progress"
-NAMES = ["DAPI", "CD3", "CD8", "CD20", "CD21", "FOXP3", "PDL1", "SATB2"]
 
 
 def _window_sum(window, tile, box):
@@ -180,11 +180,8 @@ def test_distributed_client_counts_its_tiles(nine_tiles):
 def tiny_cohort(tmp_path_factory):
     """One good slide of 9 tiles and one missing slide; classic segmentation; bars asked for."""
     root = tmp_path_factory.mktemp("tiny")
-    dapi, truth = make_nuclei((360, 360), seed=11)
-    rng = np.random.default_rng(0)
-    others = rng.integers(0, 50, size=(7, *dapi.shape)).astype(dapi.dtype)
-    others[1][truth > 0] += 400
-    write_ome_tiff(root / "A_pre.ome.tif", np.concatenate([dapi[None], others]), pixel_um=0.5, channel_names=NAMES)
+    data, _ = panel_image((360, 360), seed=11)
+    write_ome_tiff(root / "A_pre.ome.tif", data, pixel_um=0.5, channel_names=NAMES)
     (root / "manifest.csv").write_text("patient_id,timepoint,slide\nA,pre,A_pre.ome.tif\nA,post,A_post.ome.tif\n")
     (root / "bars.yaml").write_text(
         "segmentation: {method: classic, tile_um: 60, overlap_um: 30}\nrun: {progress: bars}\n")
