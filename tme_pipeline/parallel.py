@@ -206,7 +206,7 @@ def slurm_cluster(spec: SlurmSpec | str | Path, **kwargs):
     # Torch reads these when it starts: one worker's intra-op threads are its share of the
     # job's cores, so the job's processes never oversubscribe them.
     settings["job_script_prologue"] = [
-        *(f"export {var}={threads}" for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")),
+        *(f"export {var}={value}" for var, value in _thread_env(threads).items()),
         *spec.job_script_prologue,
     ]
     settings = {k: v for k, v in settings.items() if v is not None}
@@ -218,7 +218,7 @@ def _have(module: str) -> bool:
 
 
 def _dashboard(cluster) -> str | None:
-    """Log and return the cluster's dashboard URL (or that there is none)."""
+    """Log and return the dashboard URL of a cluster or client (or that there is none)."""
     link = cluster.dashboard_link if _have("bokeh") else None
     log.info("Dask dashboard: %s", link or _NO_DASHBOARD)
     return link
@@ -315,7 +315,7 @@ def dask_scheduler(
         with Client(scheduler) as client:
             log.info("connected to Dask scheduler %s", scheduler)
             yield SchedulerInfo("distributed", len(client.scheduler_info(n_workers=-1)["workers"]), None,
-                                client.scheduler.address, client.dashboard_link if _have("bokeh") else None)
+                                client.scheduler.address, _dashboard(client))
         return
 
     plan = local_cluster_plan(_gpu_count(device), device, dask_cuda_installed=_have("dask_cuda"))
