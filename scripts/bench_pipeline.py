@@ -99,7 +99,7 @@ def network_forward(slide: Path, config_path: Path | None, out_json: Path) -> No
     import numpy as np
 
     from tme_pipeline.config import load_config
-    from tme_pipeline.parallel import dask_scheduler
+    from tme_pipeline.parallel import run_scheduler
     from tme_pipeline.pipeline import slide_inputs
     from tme_pipeline.stages import lowres_channel, segmentation_function
     from tme_pipeline.tiling import map_tiles
@@ -117,7 +117,8 @@ def network_forward(slide: Path, config_path: Path | None, out_json: Path) -> No
                          f"{model.config.pixel_um} µm (no resampling)")
     ready = time.perf_counter()
     tasks = map_tiles(_forward_tile, [level0[channel]], grid=grid, margin_px=grid.overlap_px, args=(seg,))
-    with dask_scheduler(config.run.scheduler, n_workers=config.run.n_workers) as scheduler:
+    # the scheduler `tme run` would set up from this config (threads per worker included)
+    with run_scheduler(config) as scheduler:
         start = time.perf_counter()
         per_tile = dask.compute(*tasks)
         forward_wall = time.perf_counter() - start
