@@ -212,6 +212,11 @@ class RunConfig(_Strict):
         None, ge=1, description="torch intra-op threads per tile call; null: torch's own (a cluster worker: "
         "threads_per_worker)",
     )
+    slides_in_flight: int | None = Field(
+        None, ge=1, description="slides run at once on a distributed scheduler (local-cluster, an address, a "
+        "cluster file), so that a cluster's workers are never idle between slides; null: one per worker there, "
+        "1 on a local scheduler (where more than 1 is refused: its tile pools would oversubscribe the cores)",
+    )
     progress: Literal["auto", "bars", "log", "quiet"] = Field(
         "auto", description="how progress is shown (tme_pipeline.progress): 'bars' (a tqdm bar per slide's tiled "
         "stage and one for the batch, on standard error), 'log' (log lines), 'quiet' (nothing; `--quiet`), "
