@@ -41,16 +41,18 @@ from scipy.spatial import cKDTree
 
 from .geojson import feature, feature_collection, mask_to_geometry
 
-__all__ = ["RegionsConfig", "Regions", "find_regions", "regions_geojson", "signed_border_distance_um", "REGION_KEYS"]
+__all__ = ["RegionsConfig", "Regions", "find_regions", "regions_geojson", "signed_border_distance_um", "REGION_KEYS",
+           "REGION_COLORS"]
 
 logger = logging.getLogger(__name__)
 
 REGION_KEYS = ("tissue", "tumor", "tumor_core", "margin", "stroma", "viable_tumor", "necrosis", "fibrosis")
 #: Regions a density is computed over; the others are descriptive.
 DENSITY_REGIONS = ("tumor", "tumor_core", "margin", "stroma")
-_COLORS = {"tissue": (200, 200, 200), "tumor": (200, 0, 0), "tumor_core": (255, 120, 0), "margin": (255, 220, 0),
-           "stroma": (0, 160, 80), "viable_tumor": (230, 50, 150), "necrosis": (90, 60, 30),
-           "fibrosis": (120, 120, 255)}
+#: Each region's RGB (0-255) colour, in its QuPath GeoJSON and in the napari viewer.
+REGION_COLORS = {"tissue": (200, 200, 200), "tumor": (200, 0, 0), "tumor_core": (255, 120, 0), "margin": (255, 220, 0),
+                 "stroma": (0, 160, 80), "viable_tumor": (230, 50, 150), "necrosis": (90, 60, 30),
+                 "fibrosis": (120, 120, 255)}
 _MM2_PER_UM2 = 1e-6
 #: Fewer glass pixels than this cannot measure a channel's offset and noise.
 _MIN_GLASS_REFERENCE_PX = 100
@@ -540,5 +542,5 @@ def regions_geojson(regions: Regions, *, pixel_um: float, slide_id: str) -> dict
         # Half a grid pixel straightens the contour's staircase: ~10x smaller files, area within 0.1 %.
         outline = mask_to_geometry(mask, regions.grid_um, simplify_um=0.5 * regions.grid_um)
         features.append(feature(outline, pixel_um=pixel_um, name=key,
-                                color=_COLORS[key], measurements=meas, properties=props))
+                                color=REGION_COLORS[key], measurements=meas, properties=props))
     return feature_collection(features, pixel_um=pixel_um, slide_id=slide_id, grid_um=regions.grid_um)

@@ -33,10 +33,6 @@ LayerData = tuple  # (data, kwargs dict, layer type str): npe2's LayerData tuple
 _MARKER_COLORMAPS = ("green", "magenta", "yellow", "cyan", "red", "bop orange", "bop purple", "gray")
 _NUCLEAR_NAMES = ("dapi", "hoechst")
 
-# The regions' colours of their QuPath GeoJSON (tme_pipeline.regions), RGB 0-255, so the
-# labels read like the exported outlines (the pipeline keeps its table private).
-_REGION_RGB = {"tumor_core": (255, 120, 0), "margin": (255, 220, 0), "stroma": (0, 160, 80),
-               "necrosis": (90, 60, 30), "fibrosis": (120, 120, 255)}
 
 
 def marker_colormap(name: str, index: int) -> str:
@@ -264,7 +260,10 @@ def region_labels_layer(masks: dict, grid_um: float, *, name: str = "regions") -
     for k, key in enumerate(REGION_LABELS, start=1):
         if key in masks:
             labels[np.asarray(masks[key], bool)] = k
-    colors = _REGION_RGB
+    from tme_pipeline.regions import REGION_COLORS
+
+    # The colours of the regions' QuPath GeoJSON, so the labels read like the exported outlines.
+    colors = REGION_COLORS
     colormap = {0: (0.0, 0.0, 0.0, 0.0), None: (0.0, 0.0, 0.0, 0.0)}
     colormap.update({k: (*(np.asarray(colors[key][:3]) / 255.0), 1.0)
                      for k, key in enumerate(REGION_LABELS, start=1)})
