@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 from skimage.measure import points_in_poly
 
-from .condition import SlideCondition
+from .condition import CD8_EFFECT_BAND_UM, SlideCondition
 from .layout import Layout
 from .style import SlideStyle
 
@@ -81,6 +82,41 @@ def _disc_points(rng, x0, y0, r_um, density_mm2):
     return x0 + p[:, 0], y0 + p[:, 1]
 
 
+def effect_region(layout: Layout, band_um: float = CD8_EFFECT_BAND_UM) -> np.ndarray:
+    """Where a condition's ``cd8_factor`` acts: the tumour compartment and the tissue within
+    ``band_um`` of it (the measured tumour bed and its invasive margin).
+
+    Parameters
+    ----------
+    layout : Layout
+    band_um : float, half-width of the margin band outside the compartment, µm.
+
+    Returns
+    -------
+    (Hc, Wc) bool on the layout's coarse grid.
+    """
+    tissue = layout.masks["tissue"]
+    if not layout.tumor_comp.any():
+        return np.zeros_like(tissue)
+    d_out = ndi.distance_transform_edt(~layout.tumor_comp) * layout.coarse_um
+    return tissue & (layout.tumor_comp | (d_out <= band_um))
+
+
+def _planted_points(rng, draw, d_out: float, d_in: float, inside) -> tuple[np.ndarray, np.ndarray]:
+    """Points at density ``d_out`` (cells/mm²) outside the effect region and ``d_in`` inside.
+
+    ``draw(density)`` gives candidate points (x, y); ``inside(x, y)`` says which lie in the
+    region. Drawn at the larger density and thinned; with equal densities nothing extra is
+    drawn from ``rng``, so an unplanted slide is the same as before the effect existed.
+    """
+    top = max(d_out, d_in)
+    x, y = draw(top)
+    if d_in == d_out or top <= 0:
+        return x, y
+    keep = rng.random(x.size) < np.where(inside(x, y), d_in, d_out) / top
+    return x[keep], y[keep]
+
+
 def _candidates(layout: Layout, cond: SlideCondition, rng) -> dict[str, np.ndarray]:
     """All candidate cells before packing: x_um, y_um, type, zone, rank, state."""
     m = layout.masks
@@ -89,13 +125,37 @@ def _candidates(layout: Layout, cond: SlideCondition, rng) -> dict[str, np.ndarr
     mg, nec = m["margin"].astype(np.float32), m["necrosis"].astype(np.float32)
     tc, st = tc.astype(np.float32), st.astype(np.float32)
     imm = layout.immune.astype(np.float32) * np.float32(cond.immune_scale)
-    cd8f = cond.cd8_factor
+    cd8f = float(cond.cd8_factor)
+    planted = cd8f != 1.0
+    effect = effect_region(layout) if planted else np.zeros_like(m["tissue"])
+    hc, wc = effect.shape
+
+    def inside(x, y):
+        return effect[np.clip((y // layout.coarse_um).astype(np.int64), 0, hc - 1),
+                      np.clip((x // layout.coarse_um).astype(np.int64), 0, wc - 1)]
+
+    def cd8_map():
+        base = imm * (120 * st + 220 * mg + 45 * tc)
+        return base * np.where(effect, np.float32(cd8f), np.float32(1.0)) if planted else base
+
+    def lymph_pair(k: int, comp: tuple, cd4_k: int, cd8_k: int) -> tuple[float, float]:
+        """Density (outside, inside the effect region) of member ``k`` of a dense zone whose
+        CD4 and CD8 T densities are ``comp[cd4_k]`` and ``comp[cd8_k]``: inside, the CD8
+        density times ``cd8f``, the CD4 density less the CD8 added (the zone's total kept,
+        so that packing, which keeps a fixed share of a full zone, keeps the factor)."""
+        d = float(comp[k])
+        if k == cd8_k:
+            return d, d * cd8f
+        if k == cd4_k:
+            return d, max(d - (cd8f - 1.0) * float(comp[cd8_k]), 0.0)
+        return d, d
+
     # Density maps (cells/mm²) per type, made one at a time to keep the peak memory small.
     dens = {
         "tumor": lambda: 5200 * tc,
         "fibroblast": lambda: 4000 * (1 + 0.5 * cond.fibrosis) * st + 120 * tc + 150 * cond.fibrosis * nec,
         "macrophage": lambda: 260 * st + 100 * tc + 120 * mg + 350 * nec,
-        "cd8_t": lambda: imm * (120 * st + 220 * cd8f * mg + 45 * cd8f * tc),
+        "cd8_t": cd8_map,
         "cd4_t": lambda: imm * (200 * st + 250 * mg + 35 * tc),
         "treg": lambda: imm * (35 * st + 50 * mg + 10 * tc),
         "b_cell": lambda: imm * (30 * st + 30 * mg + 3 * tc),
@@ -128,7 +188,9 @@ def _candidates(layout: Layout, cond: SlideCondition, rng) -> dict[str, np.ndarr
             for k, dk in enumerate(comp):
                 if dk == 0:
                     continue
-                x, y = _disc_points(rng, tls.x_um, tls.y_um, tls.radius_um * 1.3, dk)
+                d_out, d_in = lymph_pair(k, comp, 0, 1)
+                x, y = _planted_points(rng, lambda d: _disc_points(rng, tls.x_um, tls.y_um, tls.radius_um * 1.3, d),
+                                       d_out, d_in, inside)
                 rho = tls.rho(x, y)
                 keep = (rho >= lo) & (rho < hi)
                 if hi > 1.0:
@@ -136,9 +198,11 @@ def _candidates(layout: Layout, cond: SlideCondition, rng) -> dict[str, np.ndarr
                 zone = ZONES.index("tls_gc" if zone_name == "gc" else "tls_b" if k >= 3 else "tls_t")
                 follicle = zone != ZONES.index("tls_t")
                 add(x[keep], y[keep], t_idx[k], zone, 0, state=1 if k == 4 else 0, pack=tight if follicle else 1.0)
+    cluster_comp = (5500, 4200, 500)
     for cx, cy, r in layout.clusters:
-        for t, dk in (("cd4_t", 5500), ("cd8_t", 4200), ("treg", 500)):
-            x, y = _disc_points(rng, cx, cy, r, dk)
+        for k, t in enumerate(("cd4_t", "cd8_t", "treg")):
+            d_out, d_in = lymph_pair(k, cluster_comp, 0, 1)
+            x, y = _planted_points(rng, lambda d: _disc_points(rng, cx, cy, r, d), d_out, d_in, inside)
             keep = rng.random(x.size) < np.exp(-((np.hypot(x - cx, y - cy) / r) ** 2) * 1.5)
             add(x[keep], y[keep], CELL_TYPES.index(t), ZONES.index("cluster"), 1)
     for cx, cy, r in layout.b_patches:

@@ -7,6 +7,13 @@ from dataclasses import dataclass
 # Response classes, best first.
 RESPONSES = ("responder", "partial_responder", "non_responder")
 
+#: Half-width (µm) of the band of tissue around the tumour compartment over which
+#: ``cd8_factor`` acts, besides the compartment itself: the invasive margin as the pipeline
+#: measures it (``regions.margin_um``, default 250 µm, on both sides of the bed's border).
+#: The planted effect then multiplies the CD8 density of the tumour bed, of its margin and of
+#: tumour + margin alike, whatever the sample's size or its mix of tumour edge and stroma.
+CD8_EFFECT_BAND_UM = 250.0
+
 
 @dataclass(frozen=True)
 class SlideCondition:
@@ -29,7 +36,11 @@ class SlideCondition:
     immune_scale : float
         Patient-level multiplier on all lymphocyte densities outside TLS.
     cd8_factor : float
-        Multiplier on CD8 T-cell density in tumour and margin (treatment effect).
+        Multiplier on the CD8 T-cell density of the tumour compartment and of the tissue within
+        :data:`CD8_EFFECT_BAND_UM` of it (the planted treatment effect): diffuse, in T-cell
+        clusters and in TLS alike. In the dense clusters and TLS the extra CD8 T cells take
+        the place of CD4 T cells (the zones' lymphocyte density is kept), so that packing
+        does not thin the effect. Tissue farther out is unchanged.
     tls_per_mm2 : float
         Expected TLS per mm² of stroma + margin.
     min_tls : int
