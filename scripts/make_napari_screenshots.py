@@ -53,7 +53,7 @@ def main() -> None:
     centre = points.data[len(points.data) // 2]
     only([images[0], "nuclei", "cells"])
     viewer.layers["cells"].visible = True
-    viewer.camera.center, viewer.camera.zoom = tuple(centre), 8.0
+    viewer.scene.camera.center, viewer.scene.camera.zoom = tuple(centre), 8.0
     shot("napari_labels.png")
     viewer.reset_view()
     only([images[0], "cells (overview)", "cells (phenotype)"])

@@ -371,18 +371,18 @@ def test_points_follow_the_camera_when_the_slide_has_too_many(make_napari_viewer
     data, kwargs, _ = cell_points_layer(read_cell_table(folder / CELLS), max_points=4)
     points = viewer.add_points(data, **kwargs)
     assert len(points.data) == 0, "more cells than max_points: none at open"
-    viewer.camera.center = (25.0, 25.0)
-    viewer.camera.zoom = 20.0
+    viewer.scene.camera.center = (25.0, 25.0)
+    viewer.scene.camera.zoom = 20.0
     update = follow_camera(viewer, points, read_cell_table(folder / CELLS), max_points=4)
     rows = update()
-    lo, hi = view_box_um(viewer.camera.center, viewer.camera.zoom, canvas_size_px(viewer))
+    lo, hi = view_box_um(viewer.scene.camera.center, viewer.scene.camera.zoom, canvas_size_px(viewer))
     inside = np.flatnonzero(((obs[["y_um", "x_um"]].to_numpy() >= lo) & (obs[["y_um", "x_um"]].to_numpy() < hi))
                             .all(axis=1))
     assert 0 < len(inside) <= 4
     np.testing.assert_array_equal(rows, inside)
     np.testing.assert_array_equal(points.features["cell_id"], obs["cell_id"].to_numpy()[inside])
     np.testing.assert_allclose(points.data, obs[["y_um", "x_um"]].to_numpy()[inside])
-    viewer.camera.zoom = 0.01  # the whole slide: too many cells again
+    viewer.scene.camera.zoom = 0.01  # the whole slide: too many cells again
     assert len(points.data) == 0
 
 
@@ -426,15 +426,33 @@ def test_tls_browser_zooms_to_each_tls(make_napari_viewer, result_folder):
     browser.next()
     browser.next()
     # The second TLS is the triangle (70, 70)-(100, 70)-(85, 110) µm in (x, y): centre x 85, y 90.
-    np.testing.assert_allclose(viewer.camera.center[-2:], [90.0, 85.0])
-    zoom_second = viewer.camera.zoom
+    np.testing.assert_allclose(viewer.scene.camera.center[-2:], [90.0, 85.0])
+    zoom_second = viewer.scene.camera.zoom
     browser.show(0)
-    np.testing.assert_allclose(viewer.camera.center[-2:], [20.0, 35.0])
-    assert viewer.camera.zoom != zoom_second
+    np.testing.assert_allclose(viewer.scene.camera.center[-2:], [20.0, 35.0])
+    assert viewer.scene.camera.zoom != zoom_second
     browser[0].value = 1  # choosing in the list zooms too
-    np.testing.assert_allclose(viewer.camera.center[-2:], [90.0, 85.0])
+    np.testing.assert_allclose(viewer.scene.camera.center[-2:], [90.0, 85.0])
     with pytest.raises(ValueError, match="out of range"):
         browser.show(5)
+
+
+@pytest.mark.parametrize("canvas_yx", [(300, 900), (700, 250)])
+def test_tls_zoom_fits_the_canvas_napari_reports(make_napari_viewer, result_folder, canvas_yx):
+    from tme_napari.tls_browser import TLSBrowser
+
+    folder, _ = result_folder
+    viewer = make_napari_viewer()
+    viewer.open(str(folder), plugin="tme-napari")
+    viewer.canvas.size = canvas_yx  # napari's public canvas model, (height, width) screen px
+    assert canvas_size_px(viewer) == canvas_yx
+    browser = TLSBrowser(viewer)
+    browser.show(1)
+    view = browser.views[1]
+    lo, hi = view_box_um(viewer.scene.camera.center, viewer.scene.camera.zoom, canvas_yx)
+    # The whole TLS (with its margin) is in view, and it fills the canvas along one axis.
+    assert (hi - lo >= np.asarray(view.size_yx_um) - 1e-6).all()
+    assert np.isclose(hi - lo, view.size_yx_um).any()
 
 
 def test_tls_browser_docks_from_the_manifest(make_napari_viewer, result_folder):

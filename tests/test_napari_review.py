@@ -83,7 +83,7 @@ def test_scripted_review_in_napari_saves_every_kind(make_napari_viewer, result_f
     widget.next_tls()
     widget.delete_tls()
     widget.show_tls(1)
-    np.testing.assert_allclose(viewer.camera.center[-2:], [90.0, 85.0])
+    np.testing.assert_allclose(viewer.scene.camera.center[-2:], [90.0, 85.0])
     widget.maturity.value = "secondary"
     widget.set_maturity("secondary")
     widget.add_drawn_tls()  # first press: a layer to draw in

@@ -216,12 +216,11 @@ def view_box_um(center_yx, zoom: float, canvas_yx_px) -> tuple[np.ndarray, np.nd
 
 
 def canvas_size_px(viewer) -> tuple[int, int]:
-    """The canvas (height, width) in screen px; (600, 800) where the viewer has no window."""
-    # napari exposes the canvas size only through its Qt viewer (private in 0.9).
-    try:
-        return tuple(int(v) for v in viewer.window._qt_viewer.canvas.size)
-    except AttributeError:
-        return (600, 800)
+    """The canvas (height, width) in screen px: napari's public canvas model (``viewer.canvas.size``).
+
+    The model follows the window (and a viewer without one keeps napari's default size).
+    """
+    return tuple(int(v) for v in viewer.canvas.size)
 
 
 def follow_camera(viewer, layer, table: CellTable, *, max_points: int = MAX_POINTS) -> callable:
@@ -234,7 +233,8 @@ def follow_camera(viewer, layer, table: CellTable, *, max_points: int = MAX_POIN
     state = {"rows": None}
 
     def update(*_) -> np.ndarray:
-        lo, hi = view_box_um(viewer.camera.center, viewer.camera.zoom, canvas_size_px(viewer))
+        camera = viewer.scene.camera
+        lo, hi = view_box_um(camera.center, camera.zoom, canvas_size_px(viewer))
         rows = rows_in_box(table, lo, hi)
         if len(rows) > max_points:
             rows = rows[:0]
@@ -243,8 +243,8 @@ def follow_camera(viewer, layer, table: CellTable, *, max_points: int = MAX_POIN
             state["rows"] = rows
         return rows
 
-    viewer.camera.events.zoom.connect(update)
-    viewer.camera.events.center.connect(update)
+    viewer.scene.camera.events.zoom.connect(update)
+    viewer.scene.camera.events.center.connect(update)
     update()
     return update
 

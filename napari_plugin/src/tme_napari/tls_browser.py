@@ -81,11 +81,12 @@ def tls_views(polygons: Sequence[np.ndarray], features, *, margin_um: float = 50
 
 
 def zoom_to(viewer, view: TLSView) -> None:
-    """Centre the viewer's camera on one TLS and zoom so that it fills the canvas."""
-    # The canvas size in screen px is only exposed privately; the fallback is a typical dock layout.
-    canvas = getattr(viewer, "_canvas_size", None) or (600, 800)
-    viewer.camera.center = view.center_yx_um
-    viewer.camera.zoom = view.zoom(canvas)
+    """Centre the viewer's camera on one TLS and zoom so that it fills the canvas (``viewer.canvas.size``)."""
+    from .cells_view import canvas_size_px
+
+    camera = viewer.scene.camera
+    camera.center = view.center_yx_um
+    camera.zoom = view.zoom(canvas_size_px(viewer))
 
 
 class TLSBrowser(Container):
