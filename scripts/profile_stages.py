@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     with dask_scheduler(config.run.scheduler, n_workers=config.run.n_workers) as scheduler:
         result = run_slide(args.slide, args.out, config=config, stages=[timed(s) for s in STAGES],
                            force_from=args.from_stage, force=args.from_stage is None)
-    record = {"slide": str(args.slide), "scheduler": scheduler, "n_nuclei": result.n_nuclei,
+    record = {"slide": str(args.slide), "scheduler": scheduler.record() if hasattr(scheduler, "record") else scheduler, "n_nuclei": result.n_nuclei,
               "stages": figures, "total_wall_s": round(time.perf_counter() - start, 2),
               "total_cpu_s": round(_cpu() - cpu0, 2)}
     args.json.write_text(json.dumps(record, indent=2) + "\n")
