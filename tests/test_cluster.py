@@ -136,6 +136,7 @@ def test_same_answer_on_every_scheduler(cohort, cluster, tmp_path, method):
     run = on_cluster.run
     assert run["scheduler"]["kind"] == "distributed" and run["scheduler"]["workers"] == 2
     assert run["scheduler"]["address"] == cluster.address
+    assert run["slides_in_flight"] == 2  # one slide per worker, at once: the same answer
     if method == "stardist":
         # the model is loaded at most once per worker process, not once per tile
         assert len(loads) == 2 and all(n <= 1 for n in loads.values()), loads

@@ -6,7 +6,8 @@ import logging
 import os
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,7 +17,7 @@ from .config import Config, load_config
 from .io.manifest import Manifest, read_manifest
 from .io.results import remove_stale_partials, write_json
 from .lock import output_lock
-from .parallel import SchedulerInfo, run_scheduler
+from .parallel import LOCAL_SCHEDULERS, SchedulerInfo, run_scheduler
 from .pipeline import SlideResult, run_slide
 from .progress import batch_progress
 from .provenance import provenance
@@ -24,7 +25,7 @@ from .results import RUN_JSON, SLIDES_DIR, slide_folder
 from .stages import STAGES, Stage, check_stages
 from .tiling import tile_grid
 
-__all__ = ["CohortResult", "run_cohort"]
+__all__ = ["CohortResult", "run_cohort", "slides_at_once"]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ def run_cohort(
         raise ValueError(f"--from {force_from!r}: not a stage ({', '.join(names)})")
     out = Path(out)
     _check_tiles(config, config_path)
+    _check_in_flight(config, scheduler, config_path)
     _check_model(config)
     _check_writable(out)
     with output_lock(out):
@@ -122,36 +124,28 @@ def _run_locked(manifest: Manifest, out: Path, config: Config, config_path, sche
         "config_file": str(Path(config_path).resolve()) if config_path else None,
         **provenance(config),
     }
-    results: list[SlideResult] = []
+    finished: dict[int, SlideResult] = {}
     with run_scheduler(config, scheduler) as scheduler_info, \
             batch_progress(len(manifest.rows), mode=config.run.progress) as batch:
-        for row in manifest.rows:
-            t0 = time.perf_counter()
-            try:
-                result = run_slide(
-                    row.path,
-                    slide_folder(out, row.slide_id),
-                    config=config,
-                    slide_id=row.slide_id,
-                    pixel_um=row.pixel_um or pixel_um,
-                    stages=stages,
-                    force_from=force_from,
-                    patient_id=row.patient_id,
-                    timepoint=row.timepoint,
-                )
-            except Exception as error:  # one bad slide must not stop the batch
-                log.error("slide %s failed: %s", row.slide_id, error)
-                log.debug("%s", traceback.format_exc())
-                result = SlideResult(
-                    slide_id=row.slide_id,
-                    status="error",
-                    out_dir=slide_folder(out, row.slide_id),
-                    seconds=round(time.perf_counter() - t0, 3),
-                    error=_describe(error, slide_folder(out, row.slide_id)),
-                )
-            results.append(result)
-            batch.slide_done(row.slide_id, seconds=time.perf_counter() - t0, failed=result.status == "error")
-            write_json(out / RUN_JSON, _run_record(manifest, header, results, started, scheduler_info))
+        at_once = slides_at_once(config.run.slides_in_flight, scheduler_info, len(manifest.rows))
+        header["slides_in_flight"] = at_once
+
+        def record(index: int, result: SlideResult) -> None:
+            finished[index] = result
+            batch.slide_done(result.slide_id, seconds=result.seconds, failed=result.status == "error")
+            done = [finished[i] for i in sorted(finished)]  # manifest order, whatever order they finish in
+            write_json(out / RUN_JSON, _run_record(manifest, header, done, started, scheduler_info))
+
+        def one(row) -> SlideResult:
+            return _run_one(row, out, config, pixel_um, stages=stages, force_from=force_from)
+
+        if at_once == 1:
+            for index, row in enumerate(manifest.rows):
+                record(index, one(row))
+        else:
+            log.info("%d slides in flight", at_once)
+            _run_concurrently(manifest.rows, one, record, at_once)
+    results = [finished[i] for i in sorted(finished)]
     result = CohortResult(out=out, manifest=manifest, slides=tuple(results))
     record = _run_record(manifest, header, results, started, scheduler_info, done=True)
     write_json(out / RUN_JSON, record)
@@ -165,6 +159,92 @@ def _run_locked(manifest: Manifest, out: Path, config: Config, config_path, sche
     record["cohort_report"] = _cohort_report(out)
     write_json(out / RUN_JSON, record)
     return result
+
+
+def _run_one(row, out: Path, config: Config, pixel_um, *, stages, force_from) -> SlideResult:
+    """One slide, start to end; its failure becomes an ``error`` result, never an exception."""
+    t0 = time.perf_counter()
+    try:
+        return run_slide(
+            row.path,
+            slide_folder(out, row.slide_id),
+            config=config,
+            slide_id=row.slide_id,
+            pixel_um=row.pixel_um or pixel_um,
+            stages=stages,
+            force_from=force_from,
+            patient_id=row.patient_id,
+            timepoint=row.timepoint,
+        )
+    except Exception as error:  # one bad slide must not stop the batch
+        log.error("slide %s failed: %s", row.slide_id, error)
+        log.debug("%s", traceback.format_exc())
+        return SlideResult(
+            slide_id=row.slide_id,
+            status="error",
+            out_dir=slide_folder(out, row.slide_id),
+            seconds=round(time.perf_counter() - t0, 3),
+            error=_describe(error, slide_folder(out, row.slide_id)),
+        )
+
+
+def _run_concurrently(rows, one: Callable, record: Callable[[int, SlideResult], None], at_once: int) -> None:
+    """``one(row)`` for every row, ``at_once`` at a time from threads; ``record`` each as it ends.
+
+    The threads only submit graphs to the distributed client and wait; the pixels are
+    worked on by the cluster's workers. ``record`` runs in this thread, so ``run.json`` and
+    the batch bar are written by one thread only. On an interrupt the slides not started
+    are dropped and the running ones are waited for, so that no folder is left mid-write.
+    """
+    from .progress import distributed_progress
+
+    with distributed_progress(), \
+            ThreadPoolExecutor(at_once, thread_name_prefix="tme-slide") as pool:
+        futures = {pool.submit(one, row): index for index, row in enumerate(rows)}
+        try:
+            for future in as_completed(futures):
+                record(futures[future], future.result())
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def slides_at_once(asked: int | None, scheduler: SchedulerInfo, n_slides: int) -> int:
+    """How many slides run at once: ``run.slides_in_flight`` on a distributed scheduler, else 1.
+
+    Parameters
+    ----------
+    asked : int or None
+        ``config.run.slides_in_flight``; None: one slide per worker of the cluster
+        (an existing cluster's workers as counted when the run starts; SLURM: the jobs).
+    scheduler : SchedulerInfo
+        What :func:`tme_pipeline.parallel.run_scheduler` started.
+    n_slides : int
+        Slides in the manifest (never more at once than these).
+
+    Returns
+    -------
+    int
+        At least 1. Always 1 on a local scheduler (threads, synchronous, processes), whose
+        pools are per calling thread and would oversubscribe the cores.
+    """
+    if scheduler.kind in LOCAL_SCHEDULERS or n_slides <= 1:
+        return 1
+    wanted = asked or scheduler.workers or 1  # an existing cluster without workers yet: 1
+    return max(1, min(wanted, n_slides))
+
+
+def _check_in_flight(config: Config, scheduler: str | None, config_path) -> None:
+    """Refuse ``slides_in_flight > 1`` on a local scheduler before any slide runs."""
+    asked = config.run.slides_in_flight
+    chosen = scheduler or config.run.scheduler
+    if asked and asked > 1 and config.run.cluster is None and chosen in LOCAL_SCHEDULERS:
+        raise ValueError(
+            f"{config_path or 'configuration'}: run.slides_in_flight: {asked} slides at once needs a distributed "
+            f"scheduler (tme run --workers N, --scheduler ADDRESS or --cluster FILE); the {chosen!r} scheduler "
+            "runs one slide at a time with all its threads"
+        )
 
 
 def _cohort_tables(out: Path, manifest: Manifest) -> dict:

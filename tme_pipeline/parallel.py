@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .config import Config
 
 __all__ = [
+    "LOCAL_SCHEDULERS",
     "ClusterPlan",
     "SchedulerInfo",
     "SlurmSpec",
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 #: Where a LocalCluster serves its dashboard; distributed moves to a free port if taken.
 DASHBOARD_ADDRESS = "localhost:8787"
 _NO_DASHBOARD = "dashboard unavailable (pip install bokeh)"
-_LOCAL = ("threads", "synchronous", "processes")
+#: Schedulers that run in this process (no distributed client).
+LOCAL_SCHEDULERS = ("threads", "synchronous", "processes")
 
 
 @dataclass(frozen=True)
@@ -286,7 +288,7 @@ def dask_scheduler(
     if threads_per_worker < 1:
         raise ValueError(f"threads_per_worker must be >= 1, got {threads_per_worker}")
     cores = os.cpu_count() or 1
-    if cluster_file is None and scheduler in _LOCAL:
+    if cluster_file is None and scheduler in LOCAL_SCHEDULERS:
         workers = n_workers or cores
         options = {"scheduler": scheduler}
         if scheduler != "synchronous":

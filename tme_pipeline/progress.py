@@ -32,6 +32,7 @@ import contextlib
 import logging
 import re
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Literal, TextIO
@@ -39,7 +40,7 @@ from typing import Literal, TextIO
 from dask.callbacks import Callback
 
 __all__ = ["ProgressMode", "resolve_mode", "progress", "StageProgress", "batch_progress", "BatchProgress",
-           "tile_keys"]
+           "tile_keys", "distributed_progress"]
 
 log = logging.getLogger("tme_pipeline.progress")
 
@@ -197,12 +198,28 @@ class _DistributedTiles:
 
     Called by ``dask.compute`` as ``client.get`` would be, with the same results: the graph
     is submitted once with its tile keys among the wanted keys, so that their futures can
-    be followed; every future is released at the end.
+    be followed; every future is released at the end. The stage counted is the calling
+    thread's (:func:`progress` sets it), so that several slides run from threads at once
+    (``run.slides_in_flight``) each count their own tiles through one installed function.
     """
 
-    def __init__(self, client, stage: StageProgress) -> None:
+    def __init__(self, client) -> None:
         self.client = client
-        self.stage = stage
+        self._local = threading.local()
+
+    @property
+    def stage(self) -> StageProgress | None:
+        """The calling thread's stage, or None outside a :func:`progress` block."""
+        return getattr(self._local, "stage", None)
+
+    @contextlib.contextmanager
+    def counting(self, stage: StageProgress) -> Iterator[None]:
+        """Count this thread's tile tasks on ``stage`` inside the block."""
+        previous, self._local.stage = self.stage, stage
+        try:
+            yield
+        finally:
+            self._local.stage = previous
 
     def __call__(self, dsk, keys, **kwargs):
         from distributed import as_completed
@@ -210,27 +227,50 @@ class _DistributedTiles:
         keys = list(keys)
         graph = dsk.__dask_graph__() if hasattr(dsk, "__dask_graph__") else dsk
         tiles = tile_keys(graph)
-        if not tiles:
+        stage = self.stage
+        if not tiles or stage is None:
             return self.client.get(dsk, keys, **kwargs)
         futures = self.client.get(dsk, keys + tiles, sync=False, **kwargs)
         try:
-            self.stage.add_total(len(tiles))
+            stage.add_total(len(tiles))
             for _ in as_completed(futures[len(keys):]):
-                self.stage.advance()
+                stage.advance()
             return self.client.gather(futures[:len(keys)])
         finally:
             for future in {id(f): f for f in futures}.values():  # a tile that is also an output: one future
                 future.release()
 
 
+@contextlib.contextmanager
+def distributed_progress() -> Iterator[None]:
+    """Install one tile-counting scheduler function for the current distributed client.
+
+    Needed when slides run from several threads at once: ``dask.config.set`` is
+    process-wide, so per-stage installs from concurrent threads would undo each other;
+    inside this block :func:`progress` only sets the calling thread's stage. Without a
+    distributed client (a local scheduler) the block does nothing.
+    """
+    client = _distributed_client()
+    if client is None or isinstance(client, _DistributedTiles):
+        yield
+        return
+    import dask
+
+    with dask.config.set(scheduler=_DistributedTiles(client)):
+        yield
+
+
 def _distributed_client():
-    """The distributed client ``dask.compute`` would use here, or None (local schedulers)."""
+    """The distributed client ``dask.compute`` would use here (or the installed counter), or None (local)."""
     if "distributed" not in sys.modules:  # no client can exist without it; keep the import light
         return None
     from dask.base import get_scheduler
     from distributed import Client
 
-    owner = getattr(get_scheduler(), "__self__", None)
+    scheduler = get_scheduler()
+    if isinstance(scheduler, _DistributedTiles):
+        return scheduler
+    owner = getattr(scheduler, "__self__", None)
     return owner if isinstance(owner, Client) else None
 
 
@@ -268,10 +308,14 @@ def progress(label: str, *, mode: str = "auto", every_s: float = 10.0) -> Iterat
             from tqdm.contrib.logging import logging_redirect_tqdm
 
             stack.enter_context(logging_redirect_tqdm())
-        if client is not None:
+        if isinstance(client, _DistributedTiles):  # installed by distributed_progress: count per thread
+            stack.enter_context(client.counting(stage))
+        elif client is not None:
             import dask
 
-            stack.enter_context(dask.config.set(scheduler=_DistributedTiles(client, stage)))
+            dispatch = _DistributedTiles(client)
+            stack.enter_context(dask.config.set(scheduler=dispatch))
+            stack.enter_context(dispatch.counting(stage))
         else:
             stack.enter_context(_LocalTiles(stage))
         failed = True
