@@ -82,3 +82,24 @@ def test_yaml_is_loaded_safely(tmp_path):
     path.write_text("run: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(ValueError, match="not valid YAML"):
         load_config(path)
+
+
+def test_reading_a_config_imports_no_analysis_libraries():
+    """`tme segment` and every worker read the config: it must not pull pandas, scipy or anndata."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from tme_pipeline.config import load_config; load_config(); "
+            "print(sorted(m for m in ('pandas', 'scipy', 'anndata', 'shapely', 'torch') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_config_sections_are_the_analysis_modules_own():
+    """The moved sections are the very classes the analysis modules export."""
+    from tme_pipeline import analysis, config, metrics, regions, report, tls
+
+    assert config.TLSConfig is tls.TLSConfig and config.RegionsConfig is regions.RegionsConfig
+    assert config.MetricsConfig is metrics.MetricsConfig and config.AnalysisConfig is analysis.AnalysisConfig
+    assert config.ReportConfig is report.ReportConfig
+    assert report.DEFAULT_KEY_METRICS == config.ReportConfig().key_metrics

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
 
 from .analysis_stats import EXACT_MAX_N, MIN_PAIRS, ZERO_METHOD, bh_adjust, paired_test
 from .results import ANALYSIS_DIR, PATIENTS_H5AD
+from .settings.analysis import AnalysisConfig
 
 __all__ = ["paired_tests", "group_tests", "transitions", "analyze", "AnalysisConfig", "KEY_METRICS", "COLUMNS",
            "ANALYSIS_DIR", "PRIMARY", "EXPLORATORY"]
@@ -47,17 +47,6 @@ PRIMARY, EXPLORATORY = "primary", "exploratory"
 COLUMNS = ("metric", "unit", "group", "family", "n_pairs", "n_nonzero", "median_pre", "median_post",
            "median_difference", "hl_estimate", "ci_low", "ci_high", "ci_level", "statistic", "p_value",
            "p_adjusted", "rank_biserial", "method", "zero_method", "reason")
-
-
-class AnalysisConfig(BaseModel):
-    """Parameters of :func:`analyze` that a study declares before it sees its data."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    primary_metrics: tuple[str, ...] = Field(
-        ("density_CD8_T_tumor_margin",),
-        description="Pre-declared primary endpoints (metric names): tested as their own Benjamini-Hochberg "
-                    "family and reported first; every other metric is exploratory.")
 
 
 def _check_patients(patients, source: str) -> None:

@@ -12,11 +12,12 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .analysis import AnalysisConfig
-from .metrics import MetricsConfig
-from .regions import RegionsConfig
-from .report import ReportConfig
-from .tls import TLSConfig
+# The analysis sections from their light modules: reading a config imports pydantic only.
+from .settings.analysis import AnalysisConfig
+from .settings.metrics import MetricsConfig
+from .settings.regions import RegionsConfig
+from .settings.report import ReportConfig
+from .settings.tls import TLSConfig
 
 __all__ = [
     "Config",

@@ -20,18 +20,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+
+from .settings.report import DEFAULT_KEY_METRICS, ReportConfig
 
 __all__ = ["ReportConfig", "format_value", "write_slide_report", "DEFAULT_KEY_METRICS", "ABSENT",
            # the pieces the cohort page builds with
            "Html", "esc", "html_table", "html_page", "plot_img", "class_badge", "unit_of", "value_cell", "write_atomic"]
-
-#: The metrics a reader checks first: shown at the top of a slide page and per slide and
-#: patient on the cohort page.
-DEFAULT_KEY_METRICS: tuple[str, ...] = (
-    "density_CD8_T_tumor", "density_CD8_T_margin", "density_lymphocytes_tumor", "tls_count", "tls_per_mm2",
-    "percent_necrosis",
-)
 
 #: Regions of the metric names, longest first so that ``_tumor_core`` is tried before ``_tumor``.
 _REGIONS = ("tumor_core", "tissue", "tumor", "margin", "stroma")
@@ -42,20 +36,6 @@ _UNITS = {"mm2": ("mm²", 3), "cells/mm2": ("cells/mm²", 0), "%": ("%", 1), "ra
           "count": ("", 0), "1/mm2": ("/mm²", 2), "score": ("", 1)}
 
 ABSENT = "—"
-
-
-class ReportConfig(BaseModel):
-    """Settings of the reports (config section ``report``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    key_metrics: tuple[str, ...] = Field(
-        DEFAULT_KEY_METRICS, min_length=1,
-        description="Metric names shown first on a slide page and per slide and patient on the cohort page.")
-    map_max_px: int = Field(1000, ge=100, le=4000,
-                            description="Most pixels on the phenotype map's longer side (bounds the picture).")
-    photo_quality: int = Field(85, ge=50, le=100,
-                               description="JPEG quality of the embedded overview and TLS close-ups.")
 
 
 def format_value(value: float | None, unit: str, *, with_unit: bool = True) -> str:
