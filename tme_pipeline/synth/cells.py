@@ -10,6 +10,8 @@ in priority order, computed in parallel rounds on a KD-tree's conflict pairs.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
@@ -82,73 +84,76 @@ def _disc_points(rng, x0, y0, r_um, density_mm2):
     return x0 + p[:, 0], y0 + p[:, 1]
 
 
-def effect_region(layout: Layout, band_um: float = CD8_EFFECT_BAND_UM) -> np.ndarray:
-    """Where a condition's ``cd8_factor`` acts: the tumour compartment and the tissue within
-    ``band_um`` of it (the measured tumour bed and its invasive margin).
+def effect_pieces(layout: Layout, band_um: float = CD8_EFFECT_BAND_UM) -> np.ndarray:
+    """Where a condition's ``cd8_factor`` acts, in three pieces: the tumour compartment deeper
+    than ``band_um`` from its border with other tissue (1), the compartment within it (2), the
+    other tissue within it (3); 0 elsewhere. Bed = 1 | 2, margin = 2 | 3, as the metrics
+    define them (``regions.margin_um`` on both sides of the bed's border).
 
     Parameters
     ----------
     layout : Layout
-    band_um : float, half-width of the margin band outside the compartment, µm.
+    band_um : float, half-width of the margin band, µm.
 
     Returns
     -------
-    (Hc, Wc) bool on the layout's coarse grid.
+    (Hc, Wc) uint8 on the layout's coarse grid.
     """
     tissue = layout.masks["tissue"]
-    if not layout.tumor_comp.any():
-        return np.zeros_like(tissue)
-    d_out = ndi.distance_transform_edt(~layout.tumor_comp) * layout.coarse_um
-    return tissue & (layout.tumor_comp | (d_out <= band_um))
+    bed = layout.tumor_comp & tissue
+    other = tissue & ~bed
+    out = np.zeros(tissue.shape, np.uint8)
+    if not bed.any():
+        return out
+    out[bed] = 1
+    if other.any():
+        d_in = ndi.distance_transform_edt(~other) * layout.coarse_um
+        d_out = ndi.distance_transform_edt(~bed) * layout.coarse_um
+        out[bed & (d_in <= band_um)] = 2
+        out[other & (d_out <= band_um)] = 3
+    return out
 
 
-def _planted_points(rng, draw, d_out: float, d_in: float, inside) -> tuple[np.ndarray, np.ndarray]:
-    """Points at density ``d_out`` (cells/mm²) outside the effect region and ``d_in`` inside.
+def _planted_gain(layout: Layout, cond: SlideCondition, seed: int, look: SlideStyle) -> np.ndarray:
+    """Multiplier map (Hc, Wc) float32 on the diffuse CD8 T-cell density that plants ``cd8_factor``.
 
-    ``draw(density)`` gives candidate points (x, y); ``inside(x, y)`` says which lie in the
-    region. Drawn at the larger density and thinned; with equal densities nothing extra is
-    drawn from ``rng``, so an unplanted slide is the same as before the effect existed.
+    The measured CD8 density of each piece of :func:`effect_pieces` must be ``cd8_factor``
+    times the unplanted one. T-cell clusters and TLS are left as they are (they are packed
+    full: more CD8 T cells there would only push other cells out), so the diffuse CD8 T cells
+    carry the whole effect: in a piece with ``n_diffuse`` diffuse and ``n_dense`` cluster or
+    TLS CD8 T cells on the unplanted slide (drawn with a stream of its own), the diffuse
+    density is multiplied by ``f + (f - 1) * n_dense / n_diffuse``.
     """
-    top = max(d_out, d_in)
-    x, y = draw(top)
-    if d_in == d_out or top <= 0:
-        return x, y
-    keep = rng.random(x.size) < np.where(inside(x, y), d_in, d_out) / top
-    return x[keep], y[keep]
+    f = float(cond.cd8_factor)
+    pieces = effect_pieces(layout)
+    gain = np.ones(pieces.shape, np.float32)
+    c, kept = _packed(layout, dataclasses.replace(cond, cd8_factor=1.0), np.random.default_rng([seed, 203]), look, None)
+    g, (hc, wc) = layout.coarse_um, pieces.shape
+    x, y = c["x"][kept], c["y"][kept]
+    piece = pieces[np.clip((y // g).astype(np.int64), 0, hc - 1), np.clip((x // g).astype(np.int64), 0, wc - 1)]
+    cd8 = c["type"][kept] == CELL_TYPES.index("cd8_t")
+    dense = c["zone"][kept] != ZONES.index("none")
+    for k in (1, 2, 3):
+        n_diffuse = np.count_nonzero(cd8 & ~dense & (piece == k))
+        n_dense = np.count_nonzero(cd8 & dense & (piece == k))
+        gain[pieces == k] = max(f + (f - 1.0) * n_dense / n_diffuse, 0.0) if n_diffuse else f
+    return gain
 
 
-def _candidates(layout: Layout, cond: SlideCondition, rng) -> dict[str, np.ndarray]:
-    """All candidate cells before packing: x_um, y_um, type, zone, rank, state."""
+def _candidates(layout: Layout, cond: SlideCondition, rng, cd8_gain: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """All candidate cells before packing: x_um, y_um, type, zone, rank, state.
+
+    ``cd8_gain`` multiplies the diffuse CD8 T-cell density map (None: 1)."""
     m = layout.masks
     tc = layout.tumor_comp & ~m["necrosis"]
     st = m["tissue"] & ~layout.tumor_comp
     mg, nec = m["margin"].astype(np.float32), m["necrosis"].astype(np.float32)
     tc, st = tc.astype(np.float32), st.astype(np.float32)
     imm = layout.immune.astype(np.float32) * np.float32(cond.immune_scale)
-    cd8f = float(cond.cd8_factor)
-    planted = cd8f != 1.0
-    effect = effect_region(layout) if planted else np.zeros_like(m["tissue"])
-    hc, wc = effect.shape
-
-    def inside(x, y):
-        return effect[np.clip((y // layout.coarse_um).astype(np.int64), 0, hc - 1),
-                      np.clip((x // layout.coarse_um).astype(np.int64), 0, wc - 1)]
 
     def cd8_map():
         base = imm * (120 * st + 220 * mg + 45 * tc)
-        return base * np.where(effect, np.float32(cd8f), np.float32(1.0)) if planted else base
-
-    def lymph_pair(k: int, comp: tuple, cd4_k: int, cd8_k: int) -> tuple[float, float]:
-        """Density (outside, inside the effect region) of member ``k`` of a dense zone whose
-        CD4 and CD8 T densities are ``comp[cd4_k]`` and ``comp[cd8_k]``: inside, the CD8
-        density times ``cd8f``, the CD4 density less the CD8 added (the zone's total kept,
-        so that packing, which keeps a fixed share of a full zone, keeps the factor)."""
-        d = float(comp[k])
-        if k == cd8_k:
-            return d, d * cd8f
-        if k == cd4_k:
-            return d, max(d - (cd8f - 1.0) * float(comp[cd8_k]), 0.0)
-        return d, d
+        return base if cd8_gain is None else base * cd8_gain
 
     # Density maps (cells/mm²) per type, made one at a time to keep the peak memory small.
     dens = {
@@ -188,9 +193,7 @@ def _candidates(layout: Layout, cond: SlideCondition, rng) -> dict[str, np.ndarr
             for k, dk in enumerate(comp):
                 if dk == 0:
                     continue
-                d_out, d_in = lymph_pair(k, comp, 0, 1)
-                x, y = _planted_points(rng, lambda d: _disc_points(rng, tls.x_um, tls.y_um, tls.radius_um * 1.3, d),
-                                       d_out, d_in, inside)
+                x, y = _disc_points(rng, tls.x_um, tls.y_um, tls.radius_um * 1.3, dk)
                 rho = tls.rho(x, y)
                 keep = (rho >= lo) & (rho < hi)
                 if hi > 1.0:
@@ -198,11 +201,9 @@ def _candidates(layout: Layout, cond: SlideCondition, rng) -> dict[str, np.ndarr
                 zone = ZONES.index("tls_gc" if zone_name == "gc" else "tls_b" if k >= 3 else "tls_t")
                 follicle = zone != ZONES.index("tls_t")
                 add(x[keep], y[keep], t_idx[k], zone, 0, state=1 if k == 4 else 0, pack=tight if follicle else 1.0)
-    cluster_comp = (5500, 4200, 500)
     for cx, cy, r in layout.clusters:
-        for k, t in enumerate(("cd4_t", "cd8_t", "treg")):
-            d_out, d_in = lymph_pair(k, cluster_comp, 0, 1)
-            x, y = _planted_points(rng, lambda d: _disc_points(rng, cx, cy, r, d), d_out, d_in, inside)
+        for t, dk in (("cd4_t", 5500), ("cd8_t", 4200), ("treg", 500)):
+            x, y = _disc_points(rng, cx, cy, r, dk)
             keep = rng.random(x.size) < np.exp(-((np.hypot(x - cx, y - cy) / r) ** 2) * 1.5)
             add(x[keep], y[keep], CELL_TYPES.index(t), ZONES.index("cluster"), 1)
     for cx, cy, r in layout.b_patches:
@@ -276,28 +277,11 @@ def _conflicts(x: np.ndarray, y: np.ndarray, size: np.ndarray, *, factor: float,
     return np.concatenate(out_i), np.concatenate(out_j)
 
 
-def make_cells(layout: Layout, condition: SlideCondition, *, seed: int, look: SlideStyle | None = None) -> pd.DataFrame:
-    """Draw the cell table of one slide.
-
-    Parameters
-    ----------
-    layout : Layout
-    condition : SlideCondition
-    seed : int
-    look : SlideStyle, default ``SlideStyle()``; its nucleus irregularity and packing apply.
-
-    Returns
-    -------
-    cells : DataFrame, one row per cell sorted by (y, x), ``cell_id`` 1..n. Columns: x_um,
-        y_um (nucleus centre; column index of the pixel centre times pixel size), cell_type,
-        region, tls_id, zone, state, nucleus shape (nuc_a_um, nuc_b_um semi-axes, nuc_angle
-        radians, h2..h4 amp/phase harmonics), cyto_um, and per marker ``<m>_int`` (float32
-        scene level) and ``<m>_pos`` (bool).
-    """
-    look = look or SlideStyle()
-    rng = np.random.default_rng([seed, 202])
+def _packed(layout: Layout, condition: SlideCondition, rng, look: SlideStyle,
+            cd8_gain: np.ndarray | None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Candidates inside tissue with their morphology draws, and the kept ones' indices in (y, x) order."""
     masks = layout.masks
-    c = _candidates(layout, condition, rng)
+    c = _candidates(layout, condition, rng, cd8_gain)
     # Only cells inside tissue exist (TLS discs may poke out of the outline).
     ci = np.clip((c["x"] // layout.coarse_um).astype(np.int64), 0, masks["tissue"].shape[1] - 1)
     cj = np.clip((c["y"] // layout.coarse_um).astype(np.int64), 0, masks["tissue"].shape[0] - 1)
@@ -327,11 +311,48 @@ def make_cells(layout: Layout, condition: SlideCondition, *, seed: int, look: Sl
 
     sel = np.flatnonzero(keep)
     order = sel[np.lexsort((c["x"][sel], c["y"][sel]))]
+    c.update(kind=kind, a=a, b=b, hamp=hamp, spindle=spindle, dapi=dapi, dapi_sd=dapi_sd, cy_m=cy_m, cy_sd=cy_sd)
+    return c, order
+
+
+def make_cells(layout: Layout, condition: SlideCondition, *, seed: int, look: SlideStyle | None = None) -> pd.DataFrame:
+    """Draw the cell table of one slide.
+
+    Parameters
+    ----------
+    layout : Layout
+    condition : SlideCondition
+    seed : int
+    look : SlideStyle, default ``SlideStyle()``; its nucleus irregularity and packing apply.
+
+    Notes
+    -----
+    A ``condition.cd8_factor`` other than 1 (the planted effect) first draws the same slide
+    unplanted, from a random stream of its own, to count its CD8 T cells in each piece of
+    :func:`effect_pieces`, then multiplies the diffuse CD8 density there so that the count,
+    clusters and TLS included, is ``cd8_factor`` times that (:func:`_planted_gain`). A slide
+    with factor 1 takes nothing from that stream: it is the same as before the effect existed.
+
+    Returns
+    -------
+    cells : DataFrame, one row per cell sorted by (y, x), ``cell_id`` 1..n. Columns: x_um,
+        y_um (nucleus centre; column index of the pixel centre times pixel size), cell_type,
+        region, tls_id, zone, state, nucleus shape (nuc_a_um, nuc_b_um semi-axes, nuc_angle
+        radians, h2..h4 amp/phase harmonics), cyto_um, and per marker ``<m>_int`` (float32
+        scene level) and ``<m>_pos`` (bool).
+    """
+    look = look or SlideStyle()
+    rng = np.random.default_rng([seed, 202])
+    masks = layout.masks
+    gain = _planted_gain(layout, condition, seed, look) if condition.cd8_factor != 1.0 else None
+    k, order = _packed(layout, condition, rng, look, gain)
     n = order.size
-    x, y = c["x"][order], c["y"][order]
-    types, zones, states, kind = c["type"][order], c["zone"][order], c["state"][order], kind[order]
-    a, b, hamp_o = a[order], b[order], hamp[order]
-    spindle = spindle[order]
+    x, y = k["x"][order], k["y"][order]
+    types, zones, states, kind = k["type"][order], k["zone"][order], k["state"][order], k["kind"][order]
+    a, b, hamp_o = k["a"][order], k["b"][order], k["hamp"][order]
+    spindle = k["spindle"][order]
+    dapi, dapi_sd, cy_m, cy_sd = k["dapi"], k["dapi_sd"], k["cy_m"], k["cy_sd"]
+    names = list(_MORPH)
     ci = np.clip((x // layout.coarse_um).astype(np.int64), 0, masks["tissue"].shape[1] - 1)
     cj = np.clip((y // layout.coarse_um).astype(np.int64), 0, masks["tissue"].shape[0] - 1)
     flow = layout.flow_angle[cj, ci].astype(float)

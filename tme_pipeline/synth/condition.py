@@ -36,11 +36,12 @@ class SlideCondition:
     immune_scale : float
         Patient-level multiplier on all lymphocyte densities outside TLS.
     cd8_factor : float
-        Multiplier on the CD8 T-cell density of the tumour compartment and of the tissue within
-        :data:`CD8_EFFECT_BAND_UM` of it (the planted treatment effect): diffuse, in T-cell
-        clusters and in TLS alike. In the dense clusters and TLS the extra CD8 T cells take
-        the place of CD4 T cells (the zones' lymphocyte density is kept), so that packing
-        does not thin the effect. Tissue farther out is unchanged.
+        The planted treatment effect: the CD8 T-cell density of the tumour compartment, of
+        its part within :data:`CD8_EFFECT_BAND_UM` of its border and of the other tissue within
+        that band (so of bed, margin and bed + margin as measured) is this times the unplanted
+        one, cells in T-cell clusters and TLS counted. Clusters and TLS are packed full and keep
+        their cells; the diffuse CD8 T cells carry the effect (see
+        :func:`tme_pipeline.synth.cells.make_cells`). Tissue farther out is unchanged.
     tls_per_mm2 : float
         Expected TLS per mm² of stroma + margin.
     min_tls : int

@@ -22,7 +22,7 @@ from .write import release_free_memory, write_pyramid
 logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = "3"  # 2: dense overlapping follicles, DAPI summed over overlaps, styles;
-# 3: cd8_factor acts on the tumour compartment and the 250 µm band around it, clusters and TLS included
+# 3: cd8_factor multiplies the CD8 density of the tumour compartment and the 250 µm band around it (clusters and TLS counted)
 CROP_PX = 1024
 
 
