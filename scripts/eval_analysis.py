@@ -19,8 +19,13 @@ definition (viable bed + margin, ``eval_metrics.truth_densities``), and is analy
 ``--no-update`` analyses RESULTS' copy as it is (no ``tme run``), e.g. after re-running only the
 metrics stage and the cohort tables.
 
-The planted effect (``tme_pipeline/synth/condition.py``): post-treatment CD8 density in tumour
-and margin x3 (responders), x1.8 (partial), x1.15 (non-responders). Null metrics: the CD4 T
+The planted effect (``tme_pipeline/synth/condition.py``): post-treatment CD8 density x3
+(responders), x1.8 (partial), x1.15 (non-responders) against the same slide unplanted, in the
+tumour bed, its 250 µm margin and so in tumour + margin, clusters and TLS counted (generator
+version 3; before it the factor acted on the diffuse cells of the generator's own 100 µm
+margin and viable tumour only, so the measured tumour + margin density did not carry it).
+The pre -> post fold also holds what differs between a biopsy and a resection (more TLS in
+responders' resections, the mix of tumour edge and stroma in the band). Null metrics: the CD4 T
 density in the tumour (core), which no condition changes (``synth/cells.py``: ``35 * imm``
 in viable tumour, ``imm`` shared by a patient's two slides), and the PD-L1 tumour proportion
 (``pdl1_fraction`` 0.3 at both timepoints).
