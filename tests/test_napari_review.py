@@ -19,6 +19,7 @@ from tme_napari.review import (
     describe_correction,
     gate_colors,
     gate_histogram,
+    review_colors,
     ring_um,
     tls_outline_um,
 )
@@ -72,6 +73,69 @@ def test_gate_colours_and_histogram():
     assert edges[0] == pytest.approx(0.5) and edges[-1] == pytest.approx(100.0)  # in X units
 
 
+def test_review_colors_phenotypes_or_gate_then_reassignments_in_order():
+    legend = {"CD8_T": (1.0, 0, 0, 1), "tumor": (0, 1.0, 0, 1), "other": (0, 0, 1.0, 1)}
+    features = pd.DataFrame({"cell_id": [11, 12, 13, 14], "phenotype": ["CD8_T", "tumor", "other", "tumor"],
+                             "row": [3, 0, 1, 2]})
+    base = review_colors(features, legend, [])
+    np.testing.assert_allclose(base, [legend[p] for p in features["phenotype"]])
+    moves = [("phenotype_reassign", {"cell_ids": [12, 13], "phenotype": "CD8_T"}),
+             ("gate", {"marker": "CD3", "gate": 1.0}),
+             ("phenotype_reassign", {"cell_ids": [13], "phenotype": "tumor"})]
+    np.testing.assert_allclose(review_colors(features, legend, moves),
+                               [legend["CD8_T"], legend["CD8_T"], legend["tumor"], legend["tumor"]])
+    # Gate colours come from each point's row of the table, not its position in the layer.
+    values = np.array([0.0, 5.0, 0.0, 5.0])  # rows 1 and 3 above the gate: cells 13 and 11
+    gated = review_colors(features, legend, moves[:1], gate_values=values, gate=1.0)
+    np.testing.assert_allclose(gated[0], gate_colors(np.array([5.0]), 1.0)[0])
+    np.testing.assert_allclose(gated[3], gate_colors(np.array([0.0]), 1.0)[0])
+    np.testing.assert_allclose(gated[1:3], [legend["CD8_T"]] * 2)
+    with pytest.raises(ValueError, match="need a gate"):
+        review_colors(features, legend, [], gate_values=values)
+
+
+def test_pending_reassignments_keep_their_colour_when_the_points_refill(make_napari_viewer, result_folder):  # noqa: F811
+    from tme_napari.layers import result_folder_layers
+
+    folder, obs = result_folder
+    viewer = make_napari_viewer()
+    widget = ReviewWidget(viewer)
+    widget.folder_edit.value = folder
+    # The Points layer opens empty, as on a slide with more cells than it holds, and follows the camera.
+    for data, kwargs, kind in result_folder_layers(folder, max_points=0):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    points = viewer.layers["cells (phenotype)"]
+    viewer.canvas.size = (200, 200)
+    camera = viewer.scene.camera
+    camera.center, camera.zoom = (25.0, 25.0), 4.0  # a 50 µm view: cells 0, 1, 4 and 5
+    legend = points.metadata["phenotype_colors"]
+    assert list(points.features["row"]) == [0, 1, 4, 5]
+    points.selected_data = {0, 1}  # cells 0 (CD8_T) and 1 (tumor)
+    widget.reassign_selected("other")
+
+    def expected():
+        phen = obs["phenotype"].astype(str).to_numpy()[points.features["row"].to_numpy()]
+        moved = np.isin(points.features["cell_id"], obs["cell_id"].iloc[[0, 1]])
+        return np.array([legend["other"] if m else legend[p] for p, m in zip(phen, moved)])
+
+    assert not np.allclose(expected()[:2], [legend["CD8_T"], legend["tumor"]])
+    np.testing.assert_allclose(points.face_color, expected())
+    camera.center = (62.5, 100.0)  # pan away: other cells, the layer refilled
+    assert set(points.features["row"]) == {7, 11}
+    np.testing.assert_allclose(points.face_color, expected())
+    camera.center = (25.0, 25.0)  # and back: the reassigned cells still show their new phenotype
+    assert list(points.features["row"]) == [0, 1, 4, 5]
+    np.testing.assert_allclose(points.face_color, expected())
+    widget.save()  # saved, not yet recomputed: the table still has the old phenotypes
+    camera.zoom = 3.0
+    np.testing.assert_allclose(points.face_color, expected())
+    points.selected_data = {2}
+    widget.reassign_selected("tumor")
+    widget.undo()
+    camera.zoom = 4.0
+    np.testing.assert_allclose(points.face_color, expected())
+
+
 def test_scripted_review_in_napari_saves_every_kind(make_napari_viewer, result_folder):  # noqa: F811
     folder, obs = result_folder
     viewer = make_napari_viewer()
@@ -112,6 +176,9 @@ def test_scripted_review_in_napari_saves_every_kind(make_napari_viewer, result_f
     values = np.asarray(widget._values)
     widget.gate.value = float(np.median(values))
     positive = gate_colors(values, widget.gate.value)
+    legend = points.metadata["phenotype_colors"]
+    # Gate colours, except the cells reassigned and not yet recomputed: their new phenotype's colour.
+    positive[[0, 3, 5]] = legend["tumor"]
     np.testing.assert_allclose(points.face_color, positive)
     assert f"{int((values > widget.gate.value).sum())} of {N_CELLS}" in widget.gate_info.value
     widget.keep_gate()

@@ -19,12 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CellTable", "read_cell_table", "rows_in_box", "overview_rgba", "points_kwargs", "show_rows",
+__all__ = ["CellTable", "read_cell_table", "rows_in_box", "overview_rgba", "points_kwargs", "show_rows", "on_refill",
            "view_box_um", "canvas_size_px", "follow_camera", "follow_points_layer", "POINTS_LAYER",
-           "OVERVIEW_LAYER", "MAX_POINTS"]
+           "OVERVIEW_LAYER", "MAX_POINTS", "REFILLED"]
 
 POINTS_LAYER = "cells (phenotype)"
 OVERVIEW_LAYER = "cells (overview)"
+#: The Points layer's event emitted after :func:`show_rows` refilled it (see :func:`on_refill`).
+REFILLED = "cells_refilled"
 #: Most cells the Points layer holds at once (about 75 MB and a few s of CPU to build and draw).
 MAX_POINTS = 50_000
 
@@ -197,8 +199,23 @@ def points_kwargs(table: CellTable, rows: np.ndarray, *, size_um: float = 6.0) -
     return table.yx_um[rows], kwargs
 
 
+def on_refill(layer, callback) -> None:
+    """Call ``callback(event)`` each time :func:`show_rows` has refilled ``layer`` (data, features, colours).
+
+    ``event.rows`` holds the table rows now shown. The layer's own ``data`` event fires before
+    its features and colours follow, so whoever restyles the points (e.g. the review widget's
+    pending reassignments) listens here instead.
+    """
+    if not hasattr(layer.events, REFILLED):
+        layer.events.add(**{REFILLED: None})
+    getattr(layer.events, REFILLED).connect(callback)
+
+
 def show_rows(layer, table: CellTable, rows: np.ndarray) -> None:
-    """Put the cells ``rows`` of ``table`` in the Points ``layer`` (data, features, colours)."""
+    """Put the cells ``rows`` of ``table`` in the Points ``layer`` (data, features, colours).
+
+    Then emits the layer's :func:`on_refill` event, if anyone connected to it.
+    """
     data, kwargs = points_kwargs(table, rows, size_um=float(np.asarray(layer.size).flat[0]) if len(layer.data)
                                  else 6.0)
     layer.selected_data = set()
@@ -206,6 +223,8 @@ def show_rows(layer, table: CellTable, rows: np.ndarray) -> None:
     layer.features = kwargs["features"]
     if len(rows):
         layer.face_color = kwargs["face_color"]
+    if hasattr(layer.events, REFILLED):
+        getattr(layer.events, REFILLED)(rows=np.asarray(rows, np.int64))
 
 
 def view_box_um(center_yx, zoom: float, canvas_yx_px) -> tuple[np.ndarray, np.ndarray]:

@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSlider, Label, LineEdit, PushButton
 
-from .cells_view import POINTS_LAYER, follow_points_layer
+from .cells_view import POINTS_LAYER, follow_points_layer, on_refill
 from .tls_browser import TLS_LAYER, tls_views, zoom_to
 
 if TYPE_CHECKING:
     import napari
 
-__all__ = ["ReviewWidget", "ring_um", "tls_outline_um", "gate_colors", "gate_histogram", "marker_values",
+__all__ = ["ReviewWidget", "ring_um", "tls_outline_um", "gate_colors", "review_colors", "gate_histogram",
+           "marker_values",
            "bed_outlines_yx", "describe_correction"]
 
 REGIONS_LAYER = "regions"
@@ -74,6 +75,46 @@ def gate_colors(values: np.ndarray, gate: float) -> np.ndarray:
     """Per-cell RGBA (N, 4): cells above ``gate`` (in ``X`` units) bright, the others dim grey."""
     above = np.asarray(values, dtype=np.float64) > gate
     return np.where(above[:, None], np.asarray(_POSITIVE), np.asarray(_NEGATIVE))
+
+
+def review_colors(features, legend: dict, reassignments: Sequence[tuple[str, dict]], *,
+                  gate_values: np.ndarray | None = None, gate: float | None = None) -> np.ndarray:
+    """Per-point RGBA of the review: phenotype (or gate) colours, then the reassignments not yet applied.
+
+    Parameters
+    ----------
+    features : pandas.DataFrame
+        The Points layer's features, one row per point: ``cell_id``, ``phenotype`` and
+        (for gate colours) ``row``, the cell's index in the cell table.
+    legend : dict of str -> RGBA
+        Phenotype colours (``metadata['phenotype_colors']`` of the layer).
+    reassignments : sequence of (kind, payload)
+        Corrections in the order made; each ``phenotype_reassign`` paints its cells in
+        their new phenotype's colour, later ones over earlier ones; other kinds are ignored.
+    gate_values : numpy.ndarray (n_cells,), optional
+        A marker's ``X`` column for every cell of the table: the base colours are then
+        :func:`gate_colors` of ``gate`` instead of the phenotypes.
+    gate : float, optional
+        The gate, ``X`` units; needed with ``gate_values``.
+
+    Returns
+    -------
+    numpy.ndarray, (len(features), 4) float64
+    """
+    n = len(features)
+    if gate_values is not None:
+        if gate is None:
+            raise ValueError("gate_values need a gate")
+        rows = features["row"].to_numpy() if "row" in features else np.arange(n)
+        colors = gate_colors(np.asarray(gate_values)[rows], float(gate)).astype(np.float64)
+    else:
+        missing = np.asarray(_NEGATIVE)
+        colors = np.array([legend.get(str(p), missing) for p in features["phenotype"]], np.float64).reshape(n, 4)
+    ids = features["cell_id"].to_numpy()
+    for kind, payload in reassignments:
+        if kind == "phenotype_reassign" and payload["phenotype"] in legend:
+            colors[np.isin(ids, payload["cell_ids"])] = legend[payload["phenotype"]]
+    return colors
 
 
 def gate_histogram(values: np.ndarray, *, bins: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -152,6 +193,9 @@ class ReviewWidget(Container):
         super().__init__()
         self._viewer = viewer
         self.pending: list[tuple[str, dict]] = []
+        # Saved reassignments the shown cell table does not have yet (until Recompute reloads it).
+        self._saved_reassignments: list[tuple[str, dict]] = []
+        self._styled_points = None
         self._worker = None
         self._values: np.ndarray | None = None
         # napari calls reset_choices on docked widgets whenever layers change: the lists are
@@ -247,8 +291,13 @@ class ReviewWidget(Container):
         points = self._layer(POINTS_LAYER)
         if points is not None and "phenotype" in points.features:
             self._phenotypes = [str(c) for c in points.features["phenotype"].cat.categories]
+        if points is not None and points is not self._styled_points:
+            # A large slide opens with no points: the cells in view are put in once few enough,
+            # and refilled as the camera moves; each refill is restyled with the review's colours.
+            on_refill(points, self._restyle)
+            self._styled_points = points
+            self._saved_reassignments = []
         if points is not None:
-            # A large slide opens with no points: the cells in view are put in once few enough.
             follow_points_layer(self._viewer, points)
         folder = self.folder
         if folder is not None and not self._markers:
@@ -357,11 +406,18 @@ class ReviewWidget(Container):
             raise ValueError(f"select cells in '{POINTS_LAYER}' first")
         ids = points.features["cell_id"].to_numpy()[selected]
         self._queue("phenotype_reassign", {"cell_ids": [int(i) for i in ids], "phenotype": str(phenotype)})
-        colors = np.asarray(points.face_color).copy()
-        legend = points.metadata.get("phenotype_colors", {})
-        if phenotype in legend:
-            colors[selected] = legend[phenotype]
-            points.face_color = colors
+        self._restyle()
+
+    def _restyle(self, *_) -> None:
+        """Colour the points shown: phenotype or gate colours, then every reassignment not yet in the table."""
+        points = self._layer(POINTS_LAYER)
+        if points is None or not len(points.data):
+            return
+        gating = self._values is not None
+        points.face_color = review_colors(points.features, points.metadata.get("phenotype_colors", {}),
+                                          [*self._saved_reassignments, *self.pending],
+                                          gate_values=self._values if gating else None,
+                                          gate=float(self.gate.value) if gating else None)
 
     def _load_marker(self, marker) -> None:
         folder = self.folder
@@ -401,9 +457,7 @@ class ReviewWidget(Container):
         points = self._layer(POINTS_LAYER)
         if points is None or self._values is None:
             return
-        if len(points.data):
-            rows = points.features["row"].to_numpy() if "row" in points.features else np.arange(len(points.data))
-            points.face_color = gate_colors(self._values[rows], float(gate))
+        self._restyle()
         n = int((self._values > float(gate)).sum())
         total = len(self._values)
         self.gate_info.value = f"{self.marker.value}+ : {n} of {total} cells ({100 * n / total:.1f} %)"
@@ -431,14 +485,8 @@ class ReviewWidget(Container):
             self._say("nothing to undo")
             return None
         kind, payload = self.pending.pop()
-        points = self._layer(POINTS_LAYER)
-        if kind == "phenotype_reassign" and points is not None and len(points.data):
-            back = np.flatnonzero(np.isin(points.features["cell_id"].to_numpy(), payload["cell_ids"]))
-            legend = points.metadata.get("phenotype_colors", {})
-            colors = np.asarray(points.face_color).copy()
-            for row in back:
-                colors[row] = legend.get(str(points.features["phenotype"].iloc[row]), colors[row])
-            points.face_color = colors
+        if kind == "phenotype_reassign":
+            self._restyle()
         self._show_pending()
         self._say(f"undid {kind}; {len(self.pending)} correction(s) not saved")
         return kind, payload
@@ -454,6 +502,7 @@ class ReviewWidget(Container):
             return []
         saved = append_corrections(corrections_file(folder.parent.parent, folder.name), folder.name, self.pending,
                                    who=self.reviewer.value or None)
+        self._saved_reassignments += [(k, p) for k, p in self.pending if k == "phenotype_reassign"]
         self.pending = []
         self._show_pending()
         self._say(f"saved {', '.join(c.id for c in saved)}; press Recompute to update the results")
