@@ -39,7 +39,7 @@ import zarr
 from .cell_table import (COMPARTMENT_LAYERS, LAYERS, MIN_RING_PX, CellTable, cell_anndata, check_measure_inputs,
                          measure_params)
 from .solidity import convex_hull_px
-from .tiling import Tile, TileGrid, label_array, map_tiles
+from .tiling import Tile, TileGrid, label_array, map_tiles, window_source
 
 __all__ = ["COMPARTMENT_LAYERS", "measure_cells", "perinuclear"]
 
@@ -133,7 +133,7 @@ def measure_cells(
     image = image if isinstance(image, da.Array) else da.asarray(image)
     chans = check_measure_inputs(image, grid.shape_yx, markers, compartments, nuclear_channel, pixel_um, n_rays)
     nuclei, cells = label_array(nuclei, grid), label_array(cells, grid)
-    pixels = image[chans]
+    pixels = window_source(image, chans)  # each window one read of the slide's file
     membrane_px = max(membrane_um / pixel_um, MIN_RING_PX)
     guard = math.ceil(membrane_px)
     peri_px = perinuclear_um / pixel_um
@@ -189,33 +189,44 @@ def _measure_tile(nuc: np.ndarray, cell: np.ndarray, img: np.ndarray, tile: Tile
                   membrane_px: float, peri_px: float, guard: int, n_rays: int,
                   neighbours: _NeighbourPlan | None = None) -> CellTable:
     ny, nx = shape_yx
-    ids, inverse, count = _unique_labels(nuc)
     h, w = nuc.shape
-    yy = np.repeat(np.arange(h, dtype=np.float64), w)
-    xx = np.tile(np.arange(w, dtype=np.float64), h)
-    cy = np.bincount(inverse, weights=yy) / count + box[0]
-    cx = np.bincount(inverse, weights=xx) / count + box[1]
+    nuc_px = _Pixels(nuc)
+    ids, inverse, count = _unique_labels(nuc_px.labels)
+    # Sums of integer coordinates are exact in float64, so summing over the nucleus pixels
+    # only (not the background as well) gives the same centroids to the last bit.
+    cy = np.bincount(inverse, weights=nuc_px.y) / count + box[0]
+    cx = np.bincount(inverse, weights=nuc_px.x) / count + box[1]
     ry, rx = np.floor(cy + 0.5), np.floor(cx + 0.5)
     y0, x0, y1, x1 = tile.core
-    own = (ids > 0) & (ry >= y0) & (ry < y1) & (rx >= x0) & (rx < x1)
+    own = (ry >= y0) & (ry < y1) & (rx >= x0) & (rx < x1)
     if not own.any():
         return CellTable.empty(img.shape[0], n_rays)
     owned = ids[own].astype(np.int64)
-    lut = np.zeros(ids.size, np.int64)
-    lut[own] = np.arange(1, owned.size + 1)
-    nuc_local = lut[inverse].reshape(h, w)
     cell_local = _local_ids(cell, owned)
+    nuc_local = _local_ids(nuc, owned)
     # Window sides inside the slide must stay `guard` px clear of owned cells.
     lo = (guard if box[0] > 0 else 0, guard if box[1] > 0 else 0)
     hi = (h - guard if box[2] < ny else h, w - guard if box[3] < nx else w)
-    _check_inside(nuc_local, cell_local, owned, lo, hi, tile)
-    peri_local = np.where((perinuclear(nuc, peri_px) == cell) & (nuc != cell), cell_local, 0)
-    table = _measure_local(nuc_local, cell_local, cell, nuc != cell, peri_local, img, owned, membrane_px, n_rays)
+    nuc_boxes = _check_inside(nuc_local, cell_local, owned, lo, hi, tile)
+    not_nucleus = nuc != cell
+    peri_local = np.where((perinuclear(nuc, peri_px) == cell) & not_nucleus, cell_local, 0)
+    table = _measure_local(nuc_local, cell_local, cell, not_nucleus, peri_local, img, owned, membrane_px, n_rays,
+                           nuc_boxes)
     if neighbours is not None:
         _correct_neighbours(table, nuc, cell, img, owned, neighbours, membrane_px, peri_px, lo, hi, tile)
     table.centroid_yx = np.stack([cy[own], cx[own]], axis=1)
     table.centre_yx += np.asarray(box[:2], np.int64)
     return table
+
+
+class _Pixels:
+    """The labelled pixels of a (h, w) label image: flat index, label, row and column (ascending index)."""
+
+    def __init__(self, labels: np.ndarray) -> None:
+        flat = labels.ravel()
+        self.index = np.flatnonzero(flat)
+        self.labels = flat[self.index]
+        self.y, self.x = np.divmod(self.index, labels.shape[1])
 
 
 def _correct_neighbours(table: CellTable, nuc, cell, img, owned, plan: _NeighbourPlan, membrane_px, peri_px,
@@ -248,33 +259,46 @@ def _correct_neighbours(table: CellTable, nuc, cell, img, owned, plan: _Neighbou
         means[np.ix_(np.flatnonzero(seen), cols)] = result.corrected_mean[pos[seen]]
 
 
-def _unique_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``np.unique(labels.ravel(), return_inverse=True, return_counts=True)`` by counting, not sorting.
+def _unique_labels(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True, return_counts=True)`` of labels (> 0), by counting.
 
-    Label ids are bounded by the slide's object count, so a count per id is small, and
-    O(pixels) beats the sort (a sixth of the measuring stage's own CPU time).
+    Label ids are bounded by the slide's object count, so a count per id (from the
+    smallest id present) is small, and O(pixels) beats the sort.
     """
-    flat = labels.ravel()
-    counts = np.bincount(flat)
-    ids = np.flatnonzero(counts)
+    if values.size == 0:
+        return values.copy(), np.zeros(0, np.intp), np.zeros(0, np.int64)
+    base = int(values.min())
+    shifted = (values - base).astype(np.intp, copy=False)
+    counts = np.bincount(shifted)
+    present = np.flatnonzero(counts)
     lut = np.zeros(counts.size, np.intp)
-    lut[ids] = np.arange(ids.size)
-    return ids.astype(labels.dtype), lut[flat], counts[ids]
+    lut[present] = np.arange(present.size)
+    return (present + base).astype(values.dtype), lut[shifted], counts[present]
 
 
 def _local_ids(labels: np.ndarray, owned: np.ndarray) -> np.ndarray:
-    """`labels` with owned ids (sorted) mapped to 1..k and all others to 0."""
-    pos = np.searchsorted(owned, labels)
-    hit = owned[np.minimum(pos, owned.size - 1)] == labels
-    return np.where(hit, pos + 1, 0)
+    """`labels` with owned ids (sorted) mapped to 1..k and all others to 0; (h, w) int32.
+
+    A lookup table over the owned ids' range (ids of one window span about a tile's
+    objects) replaces a binary search per pixel.
+    """
+    lo, hi = int(owned[0]), int(owned[-1])
+    lut = np.zeros(hi - lo + 2, np.int32)  # the last entry: every id outside the range
+    lut[owned - lo] = np.arange(1, owned.size + 1, dtype=np.int32)
+    shifted = labels.astype(np.int64) - lo
+    shifted[(shifted < 0) | (shifted > hi - lo)] = hi - lo + 1
+    return lut[shifted]
 
 
-def _check_inside(nuc_local, cell_local, owned, lo, hi, tile: Tile) -> None:
+def _check_inside(nuc_local, cell_local, owned, lo, hi, tile: Tile) -> np.ndarray:
+    """Raise where an owned nucleus or cell reaches `lo`/`hi`; the nuclei's boxes (k, 4) ``y0, x0, y1, x1``."""
     from scipy import ndimage as ndi
 
     k = owned.size
+    found = {}
     for name, local in (("nucleus", nuc_local), ("cell", cell_local)):
-        for i, sl in enumerate(ndi.find_objects(local, max_label=k)):
+        found[name] = ndi.find_objects(local, max_label=k)
+        for i, sl in enumerate(found[name]):
             if sl is None:
                 raise ValueError(f"nucleus {owned[i]} has no cell: cells must be grown from these nuclei")
             if sl[0].start < lo[0] or sl[1].start < lo[1] or sl[0].stop > hi[0] or sl[1].stop > hi[1]:
@@ -282,6 +306,8 @@ def _check_inside(nuc_local, cell_local, owned, lo, hi, tile: Tile) -> None:
                     f"{name} {owned[i]} reaches the edge of tile {tile.index}'s window: it is larger "
                     f"than the tile overlap allows; raise segmentation.overlap_um"
                 )
+    return np.array([(sl[0].start, sl[1].start, sl[0].stop, sl[1].stop) for sl in found["nucleus"]],
+                    np.int64).reshape(k, 4)
 
 
 def perinuclear(nuclei: np.ndarray, distance_px: float) -> np.ndarray:
@@ -297,27 +323,46 @@ def perinuclear(nuclei: np.ndarray, distance_px: float) -> np.ndarray:
 
 
 def _measure_local(nuc_local, cell_local, cell, not_nucleus, peri_local, img, owned, membrane_px,
-                   n_rays) -> CellTable:
-    """Measure owned objects 1..k of a window (fast path, vectorised over cells)."""
+                   n_rays, nuc_boxes) -> CellTable:
+    """Measure owned objects 1..k of a window (vectorised over cells, compartments and channels)."""
     k = owned.size
     ring_local = np.where(_ring(cell, membrane_px), cell_local, 0)
     cyto_local = np.where(not_nucleus, cell_local, 0)
-    counts, means = [], []
-    for lab in (nuc_local, ring_local, cyto_local, peri_local, cell_local):
-        flat = lab.ravel()
-        sel = np.flatnonzero(flat)
-        n = np.bincount(flat[sel], minlength=k + 1)[1:].astype(np.float64)
-        sums = [np.bincount(flat[sel], weights=c.ravel()[sel].astype(np.float64), minlength=k + 1)[1:]
-                for c in img]
-        counts.append(n)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            means.append(np.stack(sums, axis=1) / n[:, None] if sums else np.zeros((k, 0)))
+    counts, sums = _compartment_sums((nuc_local, ring_local, cyto_local, peri_local, cell_local), img, k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = sums / counts[:, :, None]
     for layer in (2, 3):  # no cytoplasm or no perinuclear band: the membrane ring
         empty = counts[layer] == 0
         means[layer][empty] = means[1][empty]
-    ecc = _eccentricity(nuc_local, k)
-    solidity, centre, dist = _nucleus_shapes(nuc_local, k, n_rays)
-    return CellTable(owned, counts[0], counts[4], np.zeros((k, 2)), ecc, solidity, np.stack(means), centre, dist)
+    nuc_px = _Pixels(nuc_local)
+    ecc = _eccentricity(nuc_px, k)
+    solidity, centre, dist = _nucleus_shapes(nuc_local, nuc_px, nuc_boxes, k, n_rays)
+    return CellTable(owned, counts[0], counts[4], np.zeros((k, 2)), ecc, solidity, means, centre, dist)
+
+
+def _compartment_sums(locals_: Sequence[np.ndarray], img: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel counts (L, k) and intensity sums (L, k, C) of objects 1..k in each label image.
+
+    One bincount per channel over all compartments at once (compartment l's objects are
+    bins l·(k+1) + 1..k): each bin still adds its pixels in raster order, so the sums are
+    those of a bincount per compartment, bit for bit. Weights are read as stored
+    (bincount converts them to float64 itself), never copied to float64 whole.
+    """
+    n_layers = len(locals_)
+    index, bins = [], []
+    for layer, lab in enumerate(locals_):
+        flat = lab.ravel()
+        sel = np.flatnonzero(flat)
+        index.append(sel)
+        bins.append(flat[sel].astype(np.intp) + layer * (k + 1))
+    index, bins = np.concatenate(index), np.concatenate(bins)
+    size = n_layers * (k + 1)
+    counts = np.bincount(bins, minlength=size).reshape(n_layers, k + 1)[:, 1:].astype(np.float64)
+    pixels = img.reshape(img.shape[0], -1)
+    sums = np.zeros((n_layers, k, img.shape[0]))
+    for c in range(img.shape[0]):
+        sums[:, :, c] = np.bincount(bins, weights=pixels[c][index], minlength=size).reshape(n_layers, k + 1)[:, 1:]
+    return counts, sums
 
 
 def _ring(labels: np.ndarray, membrane_px: float) -> np.ndarray:
@@ -337,12 +382,9 @@ def _ring(labels: np.ndarray, membrane_px: float) -> np.ndarray:
     return ring & (labels > 0)
 
 
-def _eccentricity(local: np.ndarray, k: int) -> np.ndarray:
+def _eccentricity(px: _Pixels, k: int) -> np.ndarray:
     """regionprops eccentricity of objects 1..k: from the pixel coordinates' covariance."""
-    flat = local.ravel()
-    sel = np.flatnonzero(flat)
-    y, x = np.divmod(sel, local.shape[1])
-    lab = flat[sel]
+    lab, y, x = px.labels, px.y, px.x
     n = np.bincount(lab, minlength=k + 1)[1:]
     my = np.bincount(lab, weights=y, minlength=k + 1)[1:] / n
     mx = np.bincount(lab, weights=x, minlength=k + 1)[1:] / n
@@ -357,47 +399,64 @@ def _eccentricity(local: np.ndarray, k: int) -> np.ndarray:
         return np.where(l1 > 0, np.sqrt(np.clip(1 - l2 / l1, 0, 1)), 0.0)
 
 
-def _nucleus_shapes(local: np.ndarray, k: int, n_rays: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Solidity (as regionprops), ray centre pixel (k, 2) and star distances (k, n_rays) of 1..k."""
-    from scipy import ndimage as ndi
+def _nucleus_shapes(local: np.ndarray, px: _Pixels, boxes: np.ndarray, k: int,
+                    n_rays: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Solidity (as regionprops), ray centre pixel (k, 2) and star distances (k, n_rays) of 1..k.
 
-    boxes = ndi.find_objects(local, max_label=k)
-    masks = [local[sl] == i + 1 for i, sl in enumerate(boxes)]
-    area = np.bincount(local.ravel(), minlength=k + 1)[1:k + 1]
+    `px` are `local`'s labelled pixels and `boxes` (k, 4) the objects' ``y0, x0, y1, x1``.
+    """
+    area = np.bincount(px.labels, minlength=k + 1)[1:k + 1]
     solidity = area / convex_hull_px(local, k)
-    centre = np.array([_centre_pixel(m) for m in masks], np.int64).reshape(k, 2)
-    dist = np.concatenate([_ray_dist(masks[b:b + _RAY_BATCH], centre[b:b + _RAY_BATCH], n_rays)
-                           for b in range(0, k, _RAY_BATCH)])
-    return solidity, centre + [(sl[0].start, sl[1].start) for sl in boxes], dist
+    centre = _centre_pixels(local, px, boxes, k)
+    dist = np.concatenate([_ray_dist(px, boxes, centre, lo, min(lo + _RAY_BATCH, k), n_rays)
+                           for lo in range(0, k, _RAY_BATCH)])
+    return solidity, centre, dist
 
 
-def _centre_pixel(mask: np.ndarray) -> np.ndarray:
-    """The centroid pixel (rounded half up) of `mask`, or its pixel nearest the centroid."""
-    yy, xx = np.nonzero(mask)
-    cy, cx = yy.mean(), xx.mean()
-    ry, rx = int(np.floor(cy + 0.5)), int(np.floor(cx + 0.5))
-    if mask[ry, rx]:
-        return np.array([ry, rx])
-    j = int(np.argmin((yy - cy) ** 2 + (xx - cx) ** 2))
-    return np.array([yy[j], xx[j]])
+def _centre_pixels(local: np.ndarray, px: _Pixels, boxes: np.ndarray, k: int) -> np.ndarray:
+    """Per object 1..k, its centroid pixel (rounded half up), or its pixel nearest the centroid
+    (the first in raster order among equals) when that one is not the object's; (k, 2) int64.
+
+    Coordinates are taken from each object's box corner, as on its own mask, so that the
+    centroid (an exact integer sum over a count) and the distances are the same floats.
+    """
+    lab = px.labels
+    n = np.bincount(lab, minlength=k + 1)[1:]
+    yy, xx = px.y - boxes[lab - 1, 0], px.x - boxes[lab - 1, 1]
+    cy = np.bincount(lab, weights=yy, minlength=k + 1)[1:] / n
+    cx = np.bincount(lab, weights=xx, minlength=k + 1)[1:] / n
+    centre = np.stack([np.floor(cy + 0.5), np.floor(cx + 0.5)], axis=1).astype(np.int64) + boxes[:, :2]
+    inside = local[centre[:, 0], centre[:, 1]] == np.arange(1, k + 1)
+    if not inside.all():
+        pick = ~inside[lab - 1]  # the pixels of objects whose centroid pixel is outside them
+        plab, py, pxx = lab[pick], yy[pick], xx[pick]
+        d2 = (py - cy[plab - 1]) ** 2 + (pxx - cx[plab - 1]) ** 2
+        order = np.lexsort((d2, plab))  # stable: raster order among equal distances
+        first = order[np.r_[True, np.diff(plab[order]) != 0]]
+        objects = plab[first] - 1
+        centre[objects] = np.stack([py[first], pxx[first]], axis=1) + boxes[objects, :2]
+    return centre
 
 
-def _ray_dist(masks: Sequence[np.ndarray], centres: np.ndarray, n_rays: int) -> np.ndarray:
-    """stardist's ``star_dist`` of each mask at its centre pixel; (k, n_rays) float32 px.
+def _ray_dist(px: _Pixels, boxes: np.ndarray, centre: np.ndarray, lo: int, hi: int, n_rays: int) -> np.ndarray:
+    """stardist's ``star_dist`` of objects lo+1..hi at their centre pixels; (hi - lo, n_rays) float32 px.
 
     star_dist evaluates every object pixel, though one per object is needed. So
-    the masks are pasted, each framed by background, with their centres on a
+    the objects are pasted, each framed by background, with their centres on a
     lattice of spacing g, and star_dist runs on that lattice only (its `grid`).
     A ray stops on the first pixel that is not its object (one step at most
     past the object), so it sees the same pixels as on the label image.
     """
     from stardist.geometry import star_dist
 
-    k = len(masks)
-    g = 2 * max(max(m.shape) for m in masks) + 3
+    k = hi - lo
+    extent = boxes[lo:hi, 2:] - boxes[lo:hi, :2]
+    g = 2 * int(extent.max()) + 3
     cols = math.ceil(math.sqrt(k))
     canvas = np.zeros(((-(-k // cols) + 1) * g, (cols + 1) * g), np.uint16)
     slots = np.stack([np.arange(k) // cols + 1, np.arange(k) % cols + 1], axis=1)
-    for mask, (cy, cx), (sy, sx) in zip(masks, centres, slots * g):
-        canvas[sy - cy:sy - cy + mask.shape[0], sx - cx:sx - cx + mask.shape[1]][mask] = 1
+    pick = (px.labels > lo) & (px.labels <= hi)
+    obj = px.labels[pick] - 1 - lo
+    canvas[slots[obj, 0] * g + px.y[pick] - centre[lo + obj, 0],
+           slots[obj, 1] * g + px.x[pick] - centre[lo + obj, 1]] = 1
     return star_dist(canvas, n_rays=n_rays, grid=(g, g), mode="cpp")[slots[:, 0], slots[:, 1]]

@@ -12,7 +12,7 @@
 
 from ._grid import Box, Tile, TileGrid, box_slices, tile_grid, window_box
 from ._stitch import StitchResult, segment_tiled
-from ._tasks import label_array, map_tiles, output_array
+from ._tasks import WindowSource, label_array, map_tiles, output_array, window_source
 
 __all__ = ["Box", "StitchResult", "Tile", "TileGrid", "box_slices", "label_array", "map_tiles", "output_array",
-           "segment_tiled", "tile_grid", "window_box"]
+           "segment_tiled", "tile_grid", "window_box", "WindowSource", "window_source"]

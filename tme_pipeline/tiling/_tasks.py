@@ -23,7 +23,7 @@ import zarr
 
 from ._grid import Box, Tile, TileGrid, box_slices, window_box
 
-__all__ = ["label_array", "map_tiles", "output_array", "shared_args"]
+__all__ = ["WindowSource", "label_array", "map_tiles", "output_array", "shared_args", "window_source"]
 
 
 def map_tiles(
@@ -43,8 +43,11 @@ def map_tiles(
         the array's leading axes whole and its last two cut to ``box``), the
         :class:`Tile`, its window ``box`` ``(y0, x0, y1, x1)`` (px), and `args`.
         Must be picklable (a module-level function) to run on a distributed cluster.
-    arrays : sequence of dask.array.Array, each (..., Y, X)
-        Lazily read images whose last two axes are ``grid.shape_yx``.
+    arrays : sequence of dask.array.Array or WindowSource, each (..., Y, X)
+        Lazily read images whose last two axes are ``grid.shape_yx``. A dask array that
+        only wraps a lazily sliced store (``da.from_array`` of a zarr array or of the
+        slide's TIFF level, as :func:`window_source` finds) is read from that store
+        directly, one read per window.
     grid : TileGrid
     margin_px : int
         Each window is the tile's core grown by this, clipped to the image (px);
@@ -71,7 +74,7 @@ def map_tiles(
     >>> dask.compute(*map_tiles(shape, [image], grid=g, margin_px=1))[3]
     (3, (3, 3, 8, 8), (5, 5))
     """
-    arrays = list(arrays)
+    arrays = [a if isinstance(a, WindowSource) else window_source(a) for a in arrays]
     for a in arrays:
         if tuple(a.shape[-2:]) != grid.shape_yx:
             raise ValueError(f"map_tiles: an array of shape {a.shape} does not end in the grid's {grid.shape_yx}")
@@ -83,7 +86,7 @@ def map_tiles(
     tasks = []
     for tile in grid.tiles:
         box = window_box(grid, tile, margin_px)
-        windows = [_Window(a[(Ellipsis, *box_slices(box))]) for a in arrays]
+        windows = [_Window(a, box) for a in arrays]
         tasks.append(dask.delayed(_run_tile, pure=False)(
             func, windows, tile, box, *args, dask_key_name=name.format(tile.index)))
     return tasks
@@ -109,14 +112,140 @@ class _Window:
 
     Read inside the task that uses it, so that a slide chunk is never held
     in memory waiting for its other dependents: memory stays bounded by the
-    tiles in flight, however large the slide.
+    tiles in flight, however large the slide. A window of a store is one read of
+    that store (a TIFF level decodes only the file tiles it covers); through dask,
+    each dask chunk it touches is one read (a zarr call, a graph to order) and a
+    whole chunk decoded where dask cannot fuse the slice (an integer index):
+    about three times the CPU of the direct read, on a 1250 px window of 8 channels.
     """
 
-    def __init__(self, array: da.Array) -> None:
-        self.array = array
+    def __init__(self, array: "da.Array | WindowSource", box: Box) -> None:
+        if isinstance(array, WindowSource):
+            self.source, self.box, self.array = array, box, None
+        else:
+            self.source, self.box, self.array = None, box, array[(Ellipsis, *box_slices(box))]
 
     def read(self) -> np.ndarray:
+        if self.source is not None:
+            return self.source.read(self.box)
         return np.asarray(self.array.compute(scheduler="synchronous"))
+
+
+class WindowSource:
+    """A lazily sliced (..., Y, X) store and a selection on its leading axes; picklable.
+
+    Parameters
+    ----------
+    store : array-like
+        Has ``shape``, ``dtype`` and a ``__getitem__`` that reads only what is sliced
+        (zarr.Array, :class:`tme_pipeline.io.TiffLevel`, or an in-memory ndarray); it must
+        pickle to run on a distributed cluster (a zarr array on disk and a TIFF level do).
+    lead : int, slice, sequence of int or None
+        Selection on the first axis (e.g. channels) of a 3-D store; None: all.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        Shape after the selection.
+    dtype : numpy.dtype
+    ndim : int
+    """
+
+    def __init__(self, store: Any, lead: int | slice | Sequence[int] | None = None) -> None:
+        self.store = store
+        self.dtype = np.dtype(store.dtype)
+        shape = tuple(int(s) for s in store.shape)
+        if lead is None:
+            self._key: tuple = ()
+            self._pick: Any = None
+        elif len(shape) < 3:
+            raise ValueError(f"WindowSource: a selection on the leading axis needs a 3-D store, got {shape}")
+        elif isinstance(lead, (int, np.integer)):
+            if not -shape[0] <= int(lead) < shape[0]:
+                raise IndexError(f"WindowSource: index {lead} out of range for {shape[0]} channels")
+            self._key, self._pick = (int(lead) % shape[0],), None
+        elif isinstance(lead, slice):
+            self._key, self._pick = (lead,), None
+        else:
+            index = np.asarray(lead, dtype=np.int64).ravel()
+            if index.size == 0 or index.min() < -shape[0] or index.max() >= shape[0]:
+                raise IndexError(f"WindowSource: indices {index.tolist()} out of range for {shape[0]} channels")
+            index %= shape[0]
+            lo, hi = int(index.min()), int(index.max()) + 1
+            # One read of the channels' bounding range, then the pick: no store sees fancy keys.
+            self._key, self._pick = (slice(lo, hi),), index - lo
+        if not self._key:
+            self.shape = shape
+        elif self._pick is not None:
+            self.shape = (self._pick.size, *shape[1:])
+        elif isinstance(self._key[0], slice):
+            self.shape = (len(range(*self._key[0].indices(shape[0]))), *shape[1:])
+        else:
+            self.shape = shape[1:]
+        self.ndim = len(self.shape)
+
+    def read(self, box: Box) -> np.ndarray:
+        """The window ``box`` ``(y0, x0, y1, x1)`` of the last two axes; ndarray, native dtype."""
+        middle = (slice(None),) * (self.store.ndim - len(self._key) - 2)
+        out = np.asarray(self.store[(*self._key, *middle, *box_slices(box))])
+        return out if self._pick is None else out[self._pick]
+
+
+def window_source(array: Any, lead: int | slice | Sequence[int] | None = None) -> "WindowSource | da.Array":
+    """The store behind `array` as a :class:`WindowSource`, or the dask array where there is none.
+
+    Parameters
+    ----------
+    array : zarr.Array, dask.array.Array, WindowSource or ndarray
+        A dask array counts as a store only when it is ``da.from_array`` of one, untouched
+        (a slide level, ``da.from_zarr``): its graph is that store and the chunk getters.
+    lead : int, slice, sequence of int or None
+        Selection on the leading axis, applied lazily either way.
+
+    Returns
+    -------
+    WindowSource or dask.array.Array
+        What :func:`map_tiles` reads windows of: directly from the store, or through dask.
+    """
+    if isinstance(array, WindowSource):
+        if lead is None:
+            return array
+        array = array.store if array._key == () else None
+        if array is None:
+            raise ValueError("window_source: a selection on an already selected WindowSource")
+    store = array
+    if isinstance(array, da.Array):
+        store = _wrapped_store(array)
+        if store is None:
+            return array if lead is None else array[lead]
+    if isinstance(store, (zarr.Array, np.ndarray)) or _is_lazy_store(store):
+        return WindowSource(store, lead)
+    dask_array = da.asarray(array)
+    return dask_array if lead is None else dask_array[lead]
+
+
+def _wrapped_store(array: da.Array) -> Any | None:
+    """The object ``da.from_array`` wrapped into `array`, if the graph is only that; else None."""
+    layers = array.dask.layers
+    original = f"original-{array.name}"
+    if len(layers) != 2 or original not in layers:
+        return None
+    values = list(layers[original].values())
+    if len(values) != 1:
+        return None
+    store = values[0]
+    store = getattr(store, "value", store)  # a DataNode in dask's task spec
+    if not hasattr(store, "dtype") or tuple(getattr(store, "shape", ())) != tuple(array.shape):
+        return None
+    if np.dtype(store.dtype) != array.dtype:
+        return None
+    return store
+
+
+def _is_lazy_store(store: Any) -> bool:
+    from ..io._tiffread import TiffLevel
+
+    return isinstance(store, TiffLevel)
 
 
 def label_array(labels: zarr.Array | da.Array | np.ndarray, grid: TileGrid) -> da.Array:
