@@ -59,7 +59,11 @@ def test_a_bad_correction_is_refused_before_anything_is_written(tmp_path):
                                    ("tls_maturity", {"tls_id": 1, "polygon_um": _ring(box(0, 0, 5, 5)),
                                                      "maturity": "tertiary"}, "maturity"),
                                    ("tls_explode", {}, "unknown correction kind"),
-                                   ("gate", {"marker": "CD8"}, "needs")):
+                                   ("gate", {"marker": "CD8"}, "needs"),
+                                   ("bed_edit", {"polygons_um": [_ring(box(0, 0, 50, 50))],
+                                                 "holes_um": []}, "one list of hole rings per outline"),
+                                   ("bed_edit", {"polygons_um": [_ring(box(0, 0, 50, 50))],
+                                                 "holes_um": [[[[1, 1], [2, 2]]]]}, "a hole")):
         with pytest.raises(ValueError, match=message):
             append_corrections(path, "S1", [("gate", {"marker": "CD3", "gate": 2.0}), (kind, payload)])
     assert path.read_bytes() == before
@@ -174,6 +178,37 @@ def test_bed_edit_rebuilds_margin_core_and_cells():
     np.testing.assert_allclose(new.border_distance_um[(x > 50) & (x < 800)], (x - 300)[(x > 50) & (x < 800)], atol=g)
     assert set(new.cell_region[(x > 200) & (x < 400)]) == {"margin"} and "tumor" not in new.absent
     assert apply_bed_edit(regions, [], obs, config=config) is regions
+
+
+def test_bed_edit_with_a_hole_leaves_a_stroma_island_with_its_own_margin():
+    from tme_pipeline.corrections import bed_polygons
+    from tme_pipeline.regions import Regions, RegionsConfig
+
+    g, shape = 10.0, (100, 100)  # 1 x 1 mm, tissue everywhere
+    tissue = np.ones(shape, bool)
+    empty = np.zeros(shape, bool)
+    regions = Regions(g, {"tissue": tissue, "tumor": empty, "necrosis": empty, "fibrosis": empty}, {}, None, None,
+                      {"tumor": "no tumour cells"}, np.array([]), np.array([]), np.array([]), {})
+    obs = pd.DataFrame({"x_um": np.linspace(5, 595, 60), "y_um": np.full(60, 500.0)})
+    bed, island = box(0, 0, 600, 1000), box(100, 300, 300, 700)  # island: x 100-300, y 300-700 µm
+    config = RegionsConfig(margin_um=50.0, min_region_cells=0)
+    payload = {"polygons_um": [_ring(bed)], "holes_um": [[_ring(island)]]}
+    assert bed_polygons(payload, "test")[0].area == pytest.approx(bed.area - island.area)
+    new = apply_bed_edit(regions, [_c("bed_edit", payload)], obs, config=config)
+    assert new.areas_mm2["tumor"] == pytest.approx(0.6 - 0.08)
+    x = obs["x_um"].to_numpy()
+    assert (new.in_tumor == ((x < 100) | (x > 300))).all()
+    # Inside the island the cells are stroma beyond the 50 µm margin, margin within it, on both sides.
+    assert set(new.cell_region[(x > 160) & (x < 240)]) == {"stroma"}
+    assert set(new.cell_region[((x > 100) & (x < 140)) | ((x > 260) & (x < 300))]) == {"margin"}
+    inside = (x > 110) & (x < 290)
+    np.testing.assert_allclose(new.border_distance_um[inside], np.minimum(x - 100, 300 - x)[inside], atol=g)
+    # Stroma: the island less its 50 µm margin, and the tissue right of the bed beyond its margin (x > 650).
+    right = (1000 - 650) * 1000 * 1e-6
+    assert new.areas_mm2["stroma"] == pytest.approx((200 - 100) * (400 - 100) * 1e-6 + right)
+    # The same bed without the hole: stroma only right of the bed.
+    whole = apply_bed_edit(regions, [_c("bed_edit", {"polygons_um": [_ring(bed)]})], obs, config=config)
+    assert whole.in_tumor[x < 600].all() and whole.areas_mm2["stroma"] == pytest.approx(right)
 
 
 # --- a scripted review, end to end ----------------------------------------------------------------

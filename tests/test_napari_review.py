@@ -16,6 +16,8 @@ from test_napari_reader import N_CELLS, result_folder  # noqa: F401  (the fixtur
 from tme_napari.review import (
     ReviewWidget,
     bed_outlines_yx,
+    bed_payload,
+    bed_rings_yx,
     describe_correction,
     gate_colors,
     gate_histogram,
@@ -53,6 +55,42 @@ def test_bed_outlines_are_the_tumor_features_outer_rings(result_folder):  # noqa
     np.testing.assert_allclose(outlines[0].min(axis=0), [0, 64])  # (y, x) µm
     np.testing.assert_allclose(outlines[0].max(axis=0), [64, 128])
     assert bed_outlines_yx(folder / "missing.geojson") == []
+
+
+def test_bed_rings_and_payload_keep_the_holes(tmp_path):
+    from shapely.geometry import Polygon, box
+
+    from tme_pipeline.corrections import bed_polygons
+    from tme_pipeline.geojson import feature, feature_collection, write_geojson
+
+    island = box(20, 20, 40, 60)  # x 20-40, y 20-60 µm: stroma inside the bed
+    holed = Polygon(box(0, 0, 100, 100).exterior.coords, [island.exterior.coords])
+    path = tmp_path / "regions.geojson"
+    write_geojson(path, feature_collection([feature(holed, pixel_um=0.5, name="tumor", color=(200, 0, 0)),
+                                            feature(box(200, 0, 300, 100), pixel_um=0.5, name="stroma",
+                                                    color=(0, 160, 80))], pixel_um=0.5))
+    outlines, holes = bed_rings_yx(path)
+    assert len(outlines) == 1 and len(holes) == 1
+    np.testing.assert_allclose(holes[0].min(axis=0), [20, 20])
+    np.testing.assert_allclose(holes[0].max(axis=0), [60, 40])  # (y, x)
+    assert bed_rings_yx(tmp_path / "missing.geojson") == ([], [])
+    payload = bed_payload(outlines, holes)
+    assert len(payload["polygons_um"]) == 1 and len(payload["holes_um"]) == 1 and len(payload["holes_um"][0]) == 1
+    assert bed_polygons(payload, "t")[0].area == pytest.approx(holed.area)
+    assert "1 hole(s)" in describe_correction("bed_edit", payload)
+    # A hole drawn over the edge cuts the bed's outline; one drawn outside changes nothing.
+    nibble = np.array([[90.0, 90], [90, 110], [110, 110], [110, 90]])
+    outside = np.array([[300.0, 300], [300, 310], [310, 310]])
+    cut = bed_payload(outlines, [holes[0], nibble, outside])
+    assert bed_polygons(cut, "t")[0].area == pytest.approx(holed.area - 100.0)
+    assert "holes_um" not in bed_payload(outlines)
+    # Two outlines keep the order they were drawn in.
+    two = bed_payload([np.array([[0.0, 500], [0, 600], [50, 600]]), outlines[0]])
+    assert min(x for x, _ in two["polygons_um"][0]) == 500.0
+    with pytest.raises(ValueError, match="no area left"):
+        bed_payload(outlines, [np.array([[-1.0, -1], [-1, 101], [101, 101], [101, -1]])])
+    with pytest.raises(ValueError, match="at least one outline"):
+        bed_payload([])
 
 
 def test_describe_correction_names_what_changes():
@@ -169,6 +207,9 @@ def test_scripted_review_in_napari_saves_every_kind(make_napari_viewer, result_f
     bed_layer = viewer.layers["review: tumour bed"]
     assert bed_layer.nshapes == 1
     bed_layer.add_polygons([np.array([[0.0, 0], [0, 50], [50, 50], [50, 0]])])
+    holes_layer = viewer.layers["review: bed holes"]
+    assert holes_layer.nshapes == 0, "the bed of regions.geojson has no hole"
+    holes_layer.add_polygons([np.array([[10.0, 80], [10, 100], [30, 100], [30, 80]])])  # a stroma island
     widget.keep_bed()
 
     marker = widget.marker.choices[1]
@@ -199,6 +240,10 @@ def test_scripted_review_in_napari_saves_every_kind(make_napari_viewer, result_f
     bed = np.asarray(stored["corrections"][4]["payload"]["polygons_um"][0])
     np.testing.assert_allclose([bed[:, 0].min(), bed[:, 0].max(), bed[:, 1].min(), bed[:, 1].max()], [64, 128, 0, 64])
     assert len(stored["corrections"][4]["payload"]["polygons_um"]) == 2
+    island = np.asarray(stored["corrections"][4]["payload"]["holes_um"][0][0])  # [x, y]: x 80-100, y 10-30
+    np.testing.assert_allclose([island[:, 0].min(), island[:, 0].max(), island[:, 1].min(), island[:, 1].max()],
+                               [80, 100, 10, 30])
+    assert stored["corrections"][4]["payload"]["holes_um"][1] == []
     assert {c["who"] for c in stored["corrections"]} == {"dr_who"}
     assert widget.save() == [], "nothing pending: nothing appended"
     assert widget.pending_info.value == "none" and widget.undo() is None

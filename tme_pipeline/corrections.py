@@ -18,7 +18,9 @@ kind                stage      payload
 tls_delete          tls        ``tls_id``, ``polygon_um`` (its outline when deleted)
 tls_maturity        tls        ``tls_id``, ``polygon_um``, ``maturity``
 tls_add             tls        ``polygon_um``, ``maturity``
-bed_edit            regions    ``polygons_um`` (list of outlines): the whole new bed
+bed_edit            regions    ``polygons_um`` (list of outlines): the whole new bed;
+                               optional ``holes_um``: per outline, its list of hole rings
+                               (e.g. a stroma island inside the bed)
 phenotype_reassign  phenotype  ``cell_ids``, ``phenotype``
 gate                phenotype  ``marker``, ``gate`` (in ``X`` units of ``cells.h5ad``)
 ==================  =========  ===========================================================
@@ -51,7 +53,7 @@ from .io.results import write_json
 __all__ = [
     "KINDS", "STAGE_OF_KIND", "Correction", "load_corrections", "append_corrections", "for_stage",
     "corrections_digest", "correction_inputs", "corrections_summary", "apply_gates", "apply_reassignments",
-    "apply_tls_corrections", "apply_bed_edit",
+    "apply_tls_corrections", "apply_bed_edit", "bed_polygons",
 ]
 
 log = logging.getLogger(__name__)
@@ -128,6 +130,14 @@ def _check(kind: str, payload: Mapping, what: str) -> None:
     if kind == "bed_edit":
         for poly in payload["polygons_um"]:
             _polygon(poly, what)
+        holes = payload.get("holes_um")
+        if holes is not None:
+            if not isinstance(holes, list) or len(holes) != len(payload["polygons_um"]):
+                raise ValueError(f"{what}: holes_um needs one list of hole rings per outline of polygons_um "
+                                 f"({len(payload['polygons_um'])})")
+            for rings in holes:
+                for ring in rings:
+                    _polygon(ring, f"{what} (a hole)")
     if kind == "phenotype_reassign" and (not payload["cell_ids"] or not str(payload["phenotype"])):
         raise ValueError(f"{what}: phenotype_reassign needs cell ids and a phenotype")
     if kind == "gate" and not np.isfinite(float(payload["gate"])):
@@ -308,6 +318,22 @@ def apply_reassignments(cells, corrections: Sequence[Correction]) -> tuple[dict,
     return {"n_cells": int(changed.sum()), "applied": applied}, warnings
 
 
+def bed_polygons(payload: Mapping, what: str) -> list:
+    """The shapely polygons (µm) of a ``bed_edit`` payload: each outline less its holes.
+
+    A hole is cut from its outline whatever its exact placement (a ring straying over the
+    outline's edge removes only the part inside); an outline its holes cover whole is dropped.
+    """
+    holes = payload.get("holes_um") or [[] for _ in payload["polygons_um"]]
+    out = []
+    for i, (shell, rings) in enumerate(zip(payload["polygons_um"], holes)):
+        poly = _polygon(shell, f"{what} (outline {i + 1})")
+        for ring in rings:
+            poly = poly.difference(_polygon(ring, f"{what} (a hole of outline {i + 1})"))
+        out += [g for g in getattr(poly, "geoms", [poly]) if g.geom_type == "Polygon" and not g.is_empty]
+    return out
+
+
 def _match_tls(polygons: Sequence, payload: Mapping) -> int | None:
     """Index of the TLS overlapping the recorded outline best (IoU >= :data:`MIN_TLS_IOU`), else None."""
     target = _polygon(payload["polygon_um"], "TLS outline")
@@ -400,6 +426,9 @@ def _append_row(table, row: dict):
 def apply_bed_edit(regions, corrections: Sequence[Correction], obs, *, tls_polygons_um: Sequence = (), config):
     """The regions with the tumour bed the last ``bed_edit`` draws; margin, core, stroma and cells follow.
 
+    The bed is the payload's outlines less their holes (:func:`bed_polygons`): tissue in a hole
+    is stroma, and the margin band runs around the hole's border as around the outer one.
+
     The drawn bed is clipped to the tissue and the TLS are carved out of it, as the detector's
     bed is; necrosis and fibrosis keep their detected foci inside the new bed (a focus outside
     the detected bed is not known). Margin, core, stroma, each cell's region, ``in_tumor``,
@@ -439,7 +468,7 @@ def apply_bed_edit(regions, corrections: Sequence[Correction], obs, *, tls_polyg
             out |= shapely.contains_xy(poly, cx, cy)
         return out
 
-    drawn = [_polygon(p, f"correction {last.id}") for p in last.payload["polygons_um"]]
+    drawn = bed_polygons(last.payload, f"correction {last.id}")
     bed = raster(drawn) & tissue & ~raster(tls_polygons_um)
     necrosis, fibrosis = regions.masks["necrosis"] & bed, regions.masks["fibrosis"] & bed
     nontumor = tissue & ~bed

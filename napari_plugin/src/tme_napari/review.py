@@ -25,12 +25,13 @@ if TYPE_CHECKING:
     import napari
 
 __all__ = ["ReviewWidget", "ring_um", "tls_outline_um", "gate_colors", "review_colors", "gate_histogram",
-           "marker_values",
+           "marker_values", "bed_rings_yx", "bed_payload",
            "bed_outlines_yx", "describe_correction"]
 
 REGIONS_LAYER = "regions"
 DRAW_LAYER = "review: draw TLS"
 BED_LAYER = "review: tumour bed"
+BED_HOLES_LAYER = "review: bed holes"
 _POSITIVE = (1.0, 0.85, 0.0, 1.0)
 _NEGATIVE = (0.35, 0.35, 0.35, 0.6)
 
@@ -151,8 +152,8 @@ def marker_values(folder: str | Path, marker: str) -> np.ndarray:
         cells.file.close()
 
 
-def bed_outlines_yx(path: str | Path) -> list[np.ndarray]:
-    """The tumour bed's outer rings of a regions GeoJSON as napari polygons.
+def bed_rings_yx(path: str | Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The tumour bed's outer rings and its holes, of a regions GeoJSON, as napari polygons.
 
     Parameters
     ----------
@@ -161,22 +162,71 @@ def bed_outlines_yx(path: str | Path) -> list[np.ndarray]:
 
     Returns
     -------
-    list of numpy.ndarray, each (V, 2) float64 (y, x) µm
-        One per part of the bed; empty if the file has no bed or does not exist.
+    outlines, holes : list of numpy.ndarray, each (V, 2) float64 (y, x) µm
+        One outline per part of the bed, and every hole of every part (e.g. a stroma island
+        inside the bed); both empty if the file has no bed or does not exist.
     """
     from tme_pipeline.geojson import read_geojson
 
     path = Path(path)
     if not path.is_file():
-        return []
-    outlines = []
+        return [], []
+    outlines, holes = [], []
     for geometry, props in read_geojson(path)[0]:
         if (props.get("classification") or {}).get("name") != "tumor":
             continue
         for part in getattr(geometry, "geoms", [geometry]):
             if part.geom_type == "Polygon" and not part.is_empty:
                 outlines.append(np.asarray(part.exterior.coords)[:-1, ::-1].copy())
-    return outlines
+                holes += [np.asarray(ring.coords)[:-1, ::-1].copy() for ring in part.interiors]
+    return outlines, holes
+
+
+def bed_outlines_yx(path: str | Path) -> list[np.ndarray]:
+    """The outer rings of :func:`bed_rings_yx`."""
+    return bed_rings_yx(path)[0]
+
+
+def bed_payload(outlines_yx: Sequence[np.ndarray], holes_yx: Sequence[np.ndarray] = ()) -> dict:
+    """A ``bed_edit`` payload from the edited outlines and holes (napari polygons, (y, x) µm).
+
+    The bed is the union of the outlines less the union of the holes, so a hole needs not be
+    matched to its outline by hand, a hole drawn outside the bed changes nothing and
+    overlapping outlines merge.
+
+    Returns
+    -------
+    dict
+        ``polygons_um``: one ``[[x, y], ...]`` ring per part of the bed; ``holes_um`` (only
+        when there is a hole): per part, its hole rings.
+
+    Raises
+    ------
+    ValueError
+        If there is no outline, a polygon has fewer than 3 vertices, or the holes cover the bed.
+    """
+    import shapely
+    from shapely.geometry import Polygon
+
+    def polygons(rings) -> list:
+        return [shapely.make_valid(Polygon(np.asarray(ring_um(r), np.float64))) for r in rings]
+
+    if not len(outlines_yx):
+        raise ValueError("the bed needs at least one outline")
+    shells, cuts = polygons(outlines_yx), polygons(holes_yx)
+    bed = shapely.union_all(shells)
+    if cuts:
+        bed = bed.difference(shapely.union_all(cuts))
+    parts = [g for g in getattr(bed, "geoms", [bed]) if g.geom_type == "Polygon" and g.area > 0]
+    if not parts:
+        raise ValueError("the bed has no area left (its holes cover it)")
+    # The parts in the order of the outlines they come from, as the reviewer drew them.
+    parts.sort(key=lambda part: min(i for i, shell in enumerate(shells) if shell.intersects(part)))
+    payload = {"polygons_um": [np.asarray(p.exterior.coords)[:-1].tolist() for p in parts]}
+    holes = [[np.asarray(r.coords)[:-1].tolist() for r in p.interiors] for p in parts]
+    if any(holes):
+        payload["holes_um"] = holes
+    return payload
 
 
 class ReviewWidget(Container):
@@ -373,28 +423,35 @@ class ReviewWidget(Container):
     # --- tumour bed -------------------------------------------------------------------------------
 
     def edit_bed(self, *_) -> None:
-        """Load the bed's outlines from ``regions.geojson`` into an editable shapes layer.
+        """Load the bed's outlines and holes from ``regions.geojson`` into two editable shapes layers.
 
         Only now, not at open: the regions are shown as a coarse labels grid, and a slide's
-        outlines can have thousands of vertices. Holes are not kept; TLS are carved again.
+        outlines can have thousands of vertices. The holes (stroma islands inside the bed) are
+        their own layer, where one is drawn, moved or deleted; TLS are carved again.
         """
         from tme_pipeline.results import REGIONS_GEOJSON
 
         folder = self._require_folder()
-        bed = bed_outlines_yx(folder / REGIONS_GEOJSON)
-        if BED_LAYER in self._viewer.layers:
-            self._viewer.layers.remove(BED_LAYER)
+        bed, holes = bed_rings_yx(folder / REGIONS_GEOJSON)
+        for name in (BED_LAYER, BED_HOLES_LAYER):
+            if name in self._viewer.layers:
+                self._viewer.layers.remove(name)
         self._viewer.add_shapes(bed, shape_type="polygon", name=BED_LAYER, units="micrometer", edge_color="red",
                                 face_color=[1, 0, 0, 0.15], edge_width=6.0)
+        self._viewer.add_shapes(holes, shape_type="polygon", name=BED_HOLES_LAYER, units="micrometer",
+                                edge_color="cyan", face_color=[0, 1, 1, 0.15], edge_width=6.0)
         self._viewer.layers[BED_LAYER].mode = "direct"
-        self._say(f"{len(bed)} bed outline(s) to edit in '{BED_LAYER}'; press 'Keep edited bed' when done")
+        self._viewer.layers.selection.active = self._viewer.layers[BED_LAYER]
+        self._say(f"{len(bed)} bed outline(s) in '{BED_LAYER}', {len(holes)} hole(s) in '{BED_HOLES_LAYER}'; "
+                  "press 'Keep edited bed' when done")
 
     def keep_bed(self, *_) -> None:
-        """Queue the edited bed (every polygon of the bed layer) as the slide's tumour bed."""
+        """Queue the edited bed (the bed layer's polygons less the holes layer's) as the slide's tumour bed."""
         layer = self._layer(BED_LAYER)
         if layer is None:
             raise ValueError("press 'Edit bed' first")
-        self._queue("bed_edit", {"polygons_um": [ring_um(p) for p in layer.data]})
+        holes = self._layer(BED_HOLES_LAYER)
+        self._queue("bed_edit", bed_payload(layer.data, holes.data if holes is not None else ()))
 
     # --- phenotypes and gates ------------------------------------------------------------------------
 
@@ -544,7 +601,9 @@ def describe_correction(kind: str, payload: dict) -> str:
     if kind == "phenotype_reassign":
         return f"{len(payload['cell_ids'])} cells -> {payload['phenotype']}"
     if kind == "bed_edit":
-        return f"tumour bed redrawn ({len(payload['polygons_um'])} polygon(s))"
+        n_holes = sum(len(rings) for rings in payload.get("holes_um", []))
+        return (f"tumour bed redrawn ({len(payload['polygons_um'])} polygon(s)"
+                + (f", {n_holes} hole(s))" if n_holes else ")"))
     if kind == "gate":
         return f"{payload['marker']} gate -> {payload['gate']:.4g}"
     return kind
