@@ -10,7 +10,8 @@ from skimage.measure import label as connected
 from blobs import make_nuclei
 from tme_pipeline.segment.classic import classic_threshold, segment_nuclei_classic
 from tme_pipeline.segment.metrics import match_labels
-from tme_pipeline.tiling import box_slices, map_tiles, segment_tiled, tile_grid, window_box
+from tme_pipeline.tiling import (WindowSource, box_slices, map_tiles, segment_tiled, tile_grid, window_box,
+                                 window_source)
 
 PIXEL_UM = 0.5
 
@@ -207,3 +208,56 @@ def test_map_tiles_refuses_an_array_off_the_grid():
         map_tiles(_window_report, [da.zeros((12, 11))], grid=grid, margin_px=0)
     with pytest.raises(ValueError, match="margin_px"):
         map_tiles(_window_report, [da.zeros((12, 12))], grid=grid, margin_px=-1)
+
+
+def _tiff_level(tmp_path, data):
+    from slide_writers import write_ome_tiff
+    from tme_pipeline.io.slides import open_slide
+
+    path = write_ome_tiff(tmp_path / "s.ome.tif", data, pixel_um=PIXEL_UM, channel_names=["a", "b", "c", "d"],
+                          pyramid_levels=1, tile=32)
+    return open_slide(path).levels[0]
+
+
+@pytest.mark.parametrize("lead", [None, 2, -1, slice(1, 3), [3, 1, 2]])
+def test_window_source_reads_the_windows_dask_reads(tmp_path, lead):
+    data = np.random.default_rng(1).integers(0, 60000, (4, 150, 170)).astype(np.uint16)
+    level = _tiff_level(tmp_path, data)
+    store = zarr.create_array(zarr.storage.LocalStore(tmp_path / "z.zarr"), shape=data.shape, chunks=(1, 64, 64),
+                              dtype=data.dtype)
+    store[:] = data
+    grid = tile_grid((150, 170), pixel_um=1.0, tile_um=64, overlap_um=6, max_object_um=6)
+    expected = data if lead is None else data[lead]
+    for array in (level, da.from_zarr(store), data):
+        source = window_source(array, lead)
+        assert isinstance(source, WindowSource) and source.shape == expected.shape and source.dtype == data.dtype
+        tasks = map_tiles(_window_report, [source], grid=grid, margin_px=5)
+        for _, box, (window,) in dask.compute(*tasks, scheduler="synchronous"):
+            np.testing.assert_array_equal(window, expected[(Ellipsis, *box_slices(box))])
+
+
+def test_window_source_is_one_read_of_the_file_per_window_and_pickles(tmp_path, monkeypatch):
+    import pickle
+
+    from tme_pipeline.io import _tiffread
+
+    data = np.random.default_rng(2).integers(0, 9, (4, 96, 96)).astype(np.uint16)
+    level = _tiff_level(tmp_path, data)
+    reads = []
+    original = _tiffread.TiffLevel.__getitem__
+    monkeypatch.setattr(_tiffread.TiffLevel, "__getitem__", lambda self, key: reads.append(key) or original(self, key))
+    source = pickle.loads(pickle.dumps(window_source(level, [0, 1, 3])))  # as a distributed worker gets it
+    grid = tile_grid((96, 96), pixel_um=1.0, tile_um=40, overlap_um=4, max_object_um=4)
+    results = dask.compute(*map_tiles(_window_report, [source], grid=grid, margin_px=8), scheduler="synchronous")
+    assert len(reads) == grid.n_tiles == 9  # through dask: one read per dask chunk of each window
+    for _, box, (window,) in results:
+        np.testing.assert_array_equal(window, data[[0, 1, 3]][(Ellipsis, *box_slices(box))])
+
+
+def test_window_source_leaves_computed_dask_arrays_to_dask():
+    data = np.arange(2 * 20 * 20).reshape(2, 20, 20)
+    derived = da.from_array(data, chunks=10) * 2  # no store holds these values
+    assert not isinstance(window_source(derived), WindowSource)
+    np.testing.assert_array_equal(window_source(derived, 1).compute(), data[1] * 2)
+    with pytest.raises(IndexError, match="out of range"):
+        window_source(data, [0, 2])
