@@ -33,13 +33,13 @@ def _rss_mb(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def _measure(folder: str, without: tuple[str, ...] = ()) -> dict:
+def _measure(folder: str, without: tuple[str, ...] = (), window: tuple[int, int] = (1200, 900)) -> dict:
     import napari
 
     from tme_napari.layers import result_folder_layers
 
     viewer = napari.Viewer(show=True)
-    viewer.window._qt_window.resize(1200, 900)
+    viewer.window._qt_window.resize(*window)  # the window's size has no public setter; the canvas follows it
     viewer.screenshot(canvas_only=True, flash=False)  # the empty canvas drawn once: startup is not counted
     before_mb = _rss_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the peak RSS (VmHWM) restarts from here
@@ -56,12 +56,17 @@ def _measure(folder: str, without: tuple[str, ...] = ()) -> dict:
     picture = viewer.screenshot(canvas_only=True, flash=False)
     first = time.perf_counter() - start
     points = viewer.layers["cells (phenotype)"]
-    images = [layer for layer in viewer.layers if layer._type_string == "image"]
-    result = {"folder": folder, "without": list(without), "n_layers": len(viewer.layers),
+    images = [layer for layer in viewer.layers if layer._type_string == "image" and layer.multiscale] or [None]
+    result = {"folder": folder, "without": list(without), "window": list(window),
+              "canvas_yx": [int(v) for v in viewer.canvas.size], "n_layers": len(viewer.layers),
               "n_cells": int(points.metadata.get("n_cells", len(points.data))),
               "n_points_shown": int(len(points.data)),
-              "slide_extent_um": [float(v) for v in images[0].extent.world[1] - images[0].extent.world[0]],
-              "data_level_shown": int(images[0].data_level), "n_levels": len(images[0].data),
+              "slide_extent_um": [float(v) for v in points.extent.world[1] - points.extent.world[0]]
+              if images[0] is None else [float(v) for v in images[0].extent.world[1] - images[0].extent.world[0]],
+              "data_level_shown": None if images[0] is None else int(images[0].data_level),
+              "level_shape_shown": None if images[0] is None else [int(v) for v in
+                                                                   images[0].level_shapes[images[0].data_level]],
+              "n_levels": None if images[0] is None else len(images[0].data),
               "seconds_layer_data": round(read, 2),
               "seconds_add_by_type": {k: round(v, 2) for k, v in added.items()},
               "seconds_to_first_picture": round(first, 2), "picture_nonblank": bool(picture[..., :3].max() > 0),
@@ -189,6 +194,8 @@ def main() -> None:
     parser.add_argument("--tile-out", type=Path, default=Path("/tmp/bench_napari_tiled"))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--window", nargs=2, type=int, default=[1200, 900], metavar=("W", "H"),
+                        help="viewer window size, px (the canvas is what the docks leave of it)")
     parser.add_argument("--without", nargs="*", default=[], metavar="TYPE",
                         help="leave out layers of these types (image, labels, shapes, points)")
     parser.add_argument("--points", nargs="*", type=int, default=[], metavar="N",
@@ -197,7 +204,7 @@ def main() -> None:
     parser.add_argument("--measure-points", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(_measure(args.measure, tuple(args.without))))
+        print(json.dumps(_measure(args.measure, tuple(args.without), tuple(args.window))))
         return
     if args.measure_points:
         print(json.dumps(_measure_points(args.measure_points)))
@@ -210,7 +217,8 @@ def main() -> None:
     runs = []
     for folder in folders:
         for _ in range(args.repeats):
-            done = subprocess.run([sys.executable, __file__, "--measure", folder, "--without", *args.without],
+            done = subprocess.run([sys.executable, __file__, "--measure", folder, "--window", *map(str, args.window),
+                                   "--without", *args.without],
                                   capture_output=True, text=True, check=True)
             runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(json.dumps(runs[-1]))
