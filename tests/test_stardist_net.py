@@ -74,3 +74,33 @@ def test_state_dict_names_follow_keras_layers():
     assert {"grid_0_no_0", "down_level_2_no_1", "middle_0", "middle_2", "up_level_0_no_2", "features", "prob",
             "dist"} <= names
     assert not np.any([n.startswith("middle_1") for n in names])
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN's fused convolution")
+def test_fused_cpu_inference_is_bit_identical_to_plain(monkeypatch):
+    import tme_pipeline.segment.net as net_module
+
+    torch.manual_seed(0)
+    net = StarDistNet(StarDistConfig(unet_n_filter_base=8, net_conv_after_unet=16, n_rays=8)).eval()
+    x = torch.rand(2, 1, 96, 112)
+    calls = []
+    fused = net_module._fused_conv_relu
+    monkeypatch.setattr(net_module, "_fused_conv_relu", lambda conv, t: calls.append(1) or fused(conv, t))
+    with torch.inference_mode():
+        for layout in (torch.contiguous_format, torch.channels_last):
+            net.to(memory_format=layout)
+            got = net(x.contiguous(memory_format=layout))
+            assert calls, "CPU inference in float32 takes the fused path"
+            with monkeypatch.context() as m:
+                m.setattr(net_module, "_fused_conv_relu", net_module._conv_relu)
+                want = net(x.contiguous(memory_format=layout))
+            assert all(torch.equal(g, w) for g, w in zip(got, want))
+            calls.clear()
+
+
+def test_training_takes_the_plain_path_with_gradients():
+    torch.manual_seed(0)
+    net = StarDistNet(StarDistConfig(unet_n_filter_base=8, net_conv_after_unet=16, n_rays=8))
+    prob, dist = net(torch.rand(1, 1, 64, 64))
+    (prob.mean() + dist.mean()).backward()
+    assert all(p.grad is not None for p in net.parameters())

@@ -56,13 +56,28 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_segment(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .segment_command import segment_file
 
     config = _with_overrides(load_config(args.config), method=args.method, model=args.model, device=args.device)
     config = _with_progress(config, args)
+    _allocator_for(config)
+    from .segment_command import segment_file
+
     n = segment_file(args.image, args.out, config=config, channel=args.channel, pixel_um=args.pixel_um)
     print(f"{n} nuclei -> {args.out}")
     return 0
+
+
+def _allocator_for(config) -> None:
+    """Before numpy, torch or Dask start a thread: glibc settings for StarDist's passes on CPU.
+
+    Every thread must share the main heap for freed activations to be reused
+    (:func:`tme_pipeline.segment._malloc.keep_freed_host_memory`), and a thread keeps the
+    heap it was first given, so this comes before the heavy imports.
+    """
+    if config.segmentation.method == "stardist":
+        from .segment._malloc import keep_freed_host_memory
+
+        keep_freed_host_memory()
 
 
 def _with_progress(config, args: argparse.Namespace):
@@ -87,14 +102,17 @@ def _with_overrides(config, *, method: str | None = None, model: str | None = No
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .cohort import run_cohort
     from .config import load_config
+
+    config = _with_progress(_with_run_options(_with_overrides(load_config(args.config), device=args.device), args),
+                            args)
+    _allocator_for(config)
+    from .cohort import run_cohort
 
     result = run_cohort(
         args.manifest,
         args.out,
-        config=_with_progress(_with_run_options(_with_overrides(load_config(args.config), device=args.device), args),
-                              args),
+        config=config,
         config_path=args.config,
         scheduler=args.scheduler,
         pixel_um=args.pixel_um,

@@ -1,16 +1,18 @@
 """Nuclei of one image file into a label TIFF: `tme segment`, the runner with one stage.
 
 The image goes through the same ``segment`` stage as `tme run` (same tiling, stitching and
-slide-wide normalisation), in a scratch slide folder, and its nucleus labels are then
-streamed into a tiled OME-TIFF.
+slide-wide normalisation), in a scratch slide folder (level 0 only: no pyramid or overview,
+which nothing reads there), and its nucleus labels are then streamed into a tiled OME-TIFF.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import dask.array as da
@@ -18,11 +20,12 @@ import numpy as np
 import tifffile
 
 from .config import Config
+from .io.labels import open_label_level
 from .io.slides import Slide, SlideError, open_slide
 from .panel import normalise_name
 from .pipeline import run_stages
-from .results import SlideResults
-from .stages import STAGES, SlideInputs
+from .results import LABELS
+from .stages import STAGES, SlideInputs, segment_stage
 from .tiling import tile_grid
 
 __all__ = ["segment_file"]
@@ -112,10 +115,13 @@ def segment_file(
     work = Path(tempfile.mkdtemp(prefix=".tme-segment-", dir=out_path.parent))
     try:
         folder = work / "slide"
-        _, _, records = run_stages(inputs, folder, stages=STAGES[:1])
+        # The segment stage of `tme run`, less the pyramid and overview that only viewers of
+        # the (scratch) label store would use.
+        stage = replace(STAGES[0], run=functools.partial(segment_stage, viewable=False))
+        _, _, records = run_stages(inputs, folder, stages=[stage])
         n_nuclei = int(records["segment"]["info"]["n_nuclei"])
         tmp = out_path.with_name(f".{out_path.name}.partial")
-        _write_label_tiff(tmp, SlideResults(inputs.slide_id, folder).labels("nuclei"), pixel_um=slide.pixel_um)
+        _write_label_tiff(tmp, open_label_level(folder / LABELS, "nuclei"), pixel_um=slide.pixel_um)
         os.replace(tmp, out_path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -123,15 +129,18 @@ def segment_file(
     return n_nuclei
 
 
-def _write_label_tiff(path: Path, labels: da.Array, *, pixel_um: float, tile: int = 512) -> None:
-    """Stream a zarr label array into a tiled OME-TIFF, one tile at a time."""
+def _write_label_tiff(path: Path, labels, *, pixel_um: float, tile: int = 512) -> None:
+    """Stream a (Y, X) label array (zarr, dask or numpy) into a tiled OME-TIFF, one band of `tile` rows at a time."""
     height, width = labels.shape
 
     def tiles():
         for y in range(0, height, tile):
+            # One band of tile rows at a time: reading tile by tile decoded every stored
+            # chunk once per tile it holds (4 times for 1024-px chunks).
+            band = np.asarray(labels[y : y + tile, :], dtype=np.uint32)
             for x in range(0, width, tile):
                 block = np.zeros((tile, tile), dtype=np.uint32)
-                data = np.asarray(labels[y : y + tile, x : x + tile])
+                data = band[:, x : x + tile]
                 block[: data.shape[0], : data.shape[1]] = data
                 yield block
 

@@ -289,11 +289,20 @@ def _folder_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def segment_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
+def segment_stage(inputs: SlideInputs, folder: Path, *, viewable: bool = True) -> StageOutput:
     """Segment the nuclei tile by tile into ``labels.ome.zarr/labels/nuclei``.
 
     Creates the label store (``nuclei`` and an empty ``cells``), the nuclei's
     pyramid and the low-resolution overview of the nuclear channel.
+
+    Parameters
+    ----------
+    inputs : SlideInputs
+    folder : Path
+        The slide folder being built.
+    viewable : bool
+        Write the pyramid and the overview, what viewers show; `tme segment`, which
+        exports level 0 alone from a scratch folder, leaves them out (False).
 
     Returns
     -------
@@ -310,8 +319,9 @@ def segment_stage(inputs: SlideInputs, folder: Path) -> StageOutput:
     with progress(f"{inputs.slide_id} segment", mode=inputs.config.run.progress,
                   every_s=inputs.config.run.progress_every_s):
         stitched = segment_tiled(slide.levels[0][channel], segment_tile, grid=grid, store=root["labels/nuclei"])
-    write_label_pyramid(root, "nuclei", pixel_um=slide.pixel_um)
-    write_overview_image(root, lowres, pixel_um=lowres_um, channel_names=(slide.channel_names[channel],))
+    if viewable:
+        write_label_pyramid(root, "nuclei", pixel_um=slide.pixel_um)
+        write_overview_image(root, lowres, pixel_um=lowres_um, channel_names=(slide.channel_names[channel],))
     return StageOutput(info={"n_nuclei": int(stitched.n_objects)})
 
 

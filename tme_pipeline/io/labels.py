@@ -29,7 +29,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
-__all__ = ["LABEL_NAMES", "create_labels_zarr", "write_label_pyramid", "write_overview_image"]
+__all__ = ["LABEL_NAMES", "create_labels_zarr", "open_label_level", "write_label_pyramid", "write_overview_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,24 @@ def create_labels_zarr(
         )
         group.attrs.update(_label_attrs(name, [pixel_um]))
     return root
+
+
+def open_label_level(path: str | os.PathLike, name: str, level: int = 0) -> zarr.Array:
+    """One level of a label image of the store at `path`, as a zarr array (read only).
+
+    For reading whole bands: slicing the zarr array reads each chunk once per slice,
+    with none of a dask array's per-chunk calls.
+
+    Raises
+    ------
+    ValueError
+        The store has no such label level; the message names the store.
+    """
+    group = zarr.open_group(os.fspath(path), mode="r")
+    key = f"labels/{name}/{level}"
+    if key not in group:
+        raise ValueError(f"{path}: no label level {key!r}")
+    return group[key]
 
 
 def _label_attrs(name: str, scales_um: Sequence[float]) -> dict:

@@ -10,23 +10,22 @@ it, so that the image border is seen as in a whole-image pass.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import logging
 import math
-import sys
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
+from ._malloc import KEPT_FREE_BYTES, keep_freed_host_memory
+
 if TYPE_CHECKING:
     import torch
 
     from .weights import StarDistModel
 
-__all__ = ["InferenceSettings", "cpu_has_native_bf16", "exact_fp32_convolutions", "inference_settings",
+__all__ = ["KEPT_FREE_BYTES", "InferenceSettings", "cpu_has_native_bf16", "exact_fp32_convolutions", "inference_settings",
            "keep_freed_host_memory", "pass_slots", "run_net"]
 
 logger = logging.getLogger(__name__)
@@ -134,41 +133,6 @@ def exact_fp32_convolutions() -> None:
         cudnn.conv.fp32_precision = "ieee"
     else:
         cudnn.allow_tf32 = False
-
-
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-#: Freed memory glibc may keep at the top of its heap for reuse, bytes (mallopt takes an int).
-KEPT_FREE_BYTES = 2**31 - 1
-
-
-@functools.cache
-def keep_freed_host_memory() -> bool:
-    """Let glibc reuse freed activation memory instead of returning it to the kernel.
-
-    glibc serves every block over 32 MB with a fresh ``mmap`` and unmaps it on free, so
-    each forward pass on CPU faults in all of its activations again, a page at a time
-    (a 2304² patch: 1.2 M page faults, a third of the pass's CPU time spent in the kernel).
-    This sets ``M_MMAP_MAX = 0`` (large blocks come from the heap) and
-    ``M_TRIM_THRESHOLD`` to :data:`KEPT_FREE_BYTES` (up to 2 GiB of freed memory stays
-    mapped for the next pass). It acts on the whole process, once, and only under glibc;
-    the cost is that the process keeps its peak memory until it exits.
-
-    Returns
-    -------
-    bool
-        Whether glibc took both settings (False on other platforms or C libraries).
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, KEPT_FREE_BYTES) == 1
-    logger.debug("glibc keeps freed host memory for reuse: %s", ok)
-    return ok
 
 
 # Moving a module (device, memory format) replaces its parameters' storage in place; a

