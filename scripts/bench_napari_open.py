@@ -55,14 +55,14 @@ def _measure(folder: str, without: tuple[str, ...] = (), window: tuple[int, int]
     viewer.reset_view()
     picture = viewer.screenshot(canvas_only=True, flash=False)
     first = time.perf_counter() - start
-    points = viewer.layers["cells (phenotype)"]
+    points = next((ly for ly in viewer.layers if ly.name == "cells (phenotype)"), None)
     images = [layer for layer in viewer.layers if layer._type_string == "image" and layer.multiscale] or [None]
     result = {"folder": folder, "without": list(without), "window": list(window),
               "canvas_yx": [int(v) for v in viewer.canvas.size], "n_layers": len(viewer.layers),
-              "n_cells": int(points.metadata.get("n_cells", len(points.data))),
-              "n_points_shown": int(len(points.data)),
-              "slide_extent_um": [float(v) for v in points.extent.world[1] - points.extent.world[0]]
-              if images[0] is None else [float(v) for v in images[0].extent.world[1] - images[0].extent.world[0]],
+              "n_cells": None if points is None else int(points.metadata.get("n_cells", len(points.data))),
+              "n_points_shown": 0 if points is None else int(len(points.data)),
+              "slide_extent_um": None if images[0] is None
+              else [float(v) for v in images[0].extent.world[1] - images[0].extent.world[0]],
               "data_level_shown": None if images[0] is None else int(images[0].data_level),
               "level_shape_shown": None if images[0] is None else [int(v) for v in
                                                                    images[0].level_shapes[images[0].data_level]],
@@ -234,14 +234,14 @@ def main() -> None:
 
 
 def _summary(runs: list[dict]) -> dict:
-    """Per folder the best of its repeats, and the largest over the smallest (by cell count)."""
+    """Per folder the best of its repeats, and the largest over the smallest (by cell count, then extent)."""
     best = {}
     for run in runs:
         b = best.setdefault(run["folder"], dict(run))
         for key in ("seconds_to_first_picture", "cpu_seconds_open", "peak_rss_mb_during_open",
                     "peak_rss_mb_over_before"):
             b[key] = min(b[key], run[key])
-    rows = sorted(best.values(), key=lambda r: r["n_cells"])
+    rows = sorted(best.values(), key=lambda r: (r["n_cells"] or 0, r["slide_extent_um"] or [0.0]))
     out = {"folders": [{k: r[k] for k in ("folder", "n_cells", "n_points_shown", "slide_extent_um",
                                           "seconds_to_first_picture", "cpu_seconds_open",
                                           "peak_rss_mb_during_open", "peak_rss_mb_over_before")} for r in rows]}
