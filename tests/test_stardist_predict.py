@@ -121,8 +121,8 @@ def test_repeated_cpu_inference_reuses_host_memory(tiny_model):
 _THREAD_REUSE_SCRIPT = """
 import resource, sys
 from concurrent.futures import ThreadPoolExecutor
-from tme_pipeline.segment._malloc import keep_freed_host_memory
-assert keep_freed_host_memory()  # first, as `tme segment` and `tme run` do
+from tme_pipeline.segment._malloc import share_one_heap
+assert share_one_heap()  # first, as `tme segment` does
 import numpy as np
 from tme_pipeline.segment.predict import predict_prob_dist
 from tme_pipeline.segment.weights import load_model
@@ -340,3 +340,31 @@ def test_concurrent_passes_bounds_forward_passes_across_threads(tiny_model, nucl
         assert match_labels(expected, labels, iou_threshold=0.9).f1 == 1.0
     with pytest.raises(ValueError, match="concurrent passes"):
         segment_nuclei(image, 0.5, model=tiny_model, device="cpu", concurrent_passes=0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenMP runtimes found through /proc")
+def test_nms_on_one_openmp_thread_keeps_the_same_polygons(tiny_model, nuclei):
+    from stardist.nms import non_maximum_suppression_sparse
+
+    from tme_pipeline.segment._infer import inference_settings
+    from tme_pipeline.segment.predict import _candidates, _openmp_runtimes, single_threaded_openmp
+
+    image, _ = nuclei
+    x = ((image - image.min()) / np.ptp(image)).astype(np.float32)
+    prob, dist, points = _candidates(x, tiny_model, inference_settings("cpu"), 0.3, None, None, None)
+    assert len(prob) > 100
+    libs = _openmp_runtimes()
+    assert libs, "torch's and stardist's OpenMP runtimes are loaded"
+    original = [lib.omp_get_max_threads() for lib in libs]
+    try:
+        for lib in libs:
+            lib.omp_set_num_threads(2)
+        several = non_maximum_suppression_sparse(dist, prob, points, nms_thresh=0.4)
+        with single_threaded_openmp():
+            assert [lib.omp_get_max_threads() for lib in libs] == [1] * len(libs)
+            one = non_maximum_suppression_sparse(dist, prob, points, nms_thresh=0.4)
+        assert [lib.omp_get_max_threads() for lib in libs] == [2] * len(libs)
+    finally:
+        for lib, n in zip(libs, original):
+            lib.omp_set_num_threads(n)
+    assert all(np.array_equal(a, b) for a, b in zip(several, one))

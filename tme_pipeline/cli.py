@@ -68,16 +68,17 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _allocator_for(config) -> None:
-    """Before numpy, torch or Dask start a thread: glibc settings for StarDist's passes on CPU.
+    """Before numpy, torch or Dask start a thread: one glibc heap for StarDist's passes on CPU.
 
-    Every thread must share the main heap for freed activations to be reused
-    (:func:`tme_pipeline.segment._malloc.keep_freed_host_memory`), and a thread keeps the
-    heap it was first given, so this comes before the heavy imports.
+    Freed activations are reused only where threads share the main heap
+    (:func:`tme_pipeline.segment._malloc.share_one_heap`), and a thread keeps the heap it
+    was first given, so this comes before the heavy imports. `tme run` leaves it (a
+    higher peak RSS for the whole pipeline, not measured yet).
     """
     if config.segmentation.method == "stardist":
-        from .segment._malloc import keep_freed_host_memory
+        from .segment._malloc import share_one_heap
 
-        keep_freed_host_memory()
+        share_one_heap()
 
 
 def _with_progress(config, args: argparse.Namespace):
@@ -106,7 +107,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = _with_progress(_with_run_options(_with_overrides(load_config(args.config), device=args.device), args),
                             args)
-    _allocator_for(config)
     from .cohort import run_cohort
 
     result = run_cohort(
