@@ -39,7 +39,7 @@ def _measure(folder: str, without: tuple[str, ...] = (), window: tuple[int, int]
     from tme_napari.layers import result_folder_layers
 
     viewer = napari.Viewer(show=True)
-    viewer.window._qt_window.resize(*window)  # the window's size has no public setter; the canvas follows it
+    viewer.window.resize(*window)  # the canvas is what the docks leave of it
     viewer.screenshot(canvas_only=True, flash=False)  # the empty canvas drawn once: startup is not counted
     before_mb = _rss_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the peak RSS (VmHWM) restarts from here
@@ -86,7 +86,7 @@ def _measure_points(n: int) -> dict:
     from tme_napari.cells_view import CellTable, points_kwargs
 
     viewer = napari.Viewer(show=True)
-    viewer.window._qt_window.resize(1200, 900)
+    viewer.window.resize(1200, 900)
     viewer.screenshot(canvas_only=True, flash=False)
     rng = np.random.default_rng(0)
     side = float(np.sqrt(n / 3000.0)) * 1000.0  # 3000 cells/mm², a tissue-like density

@@ -28,7 +28,7 @@ def main() -> None:
 
     get_settings().application.gui_notification_level = "none"  # no toasts over the pictures
     viewer = napari.Viewer(show=True)
-    viewer.window._qt_window.resize(1500, 950)
+    viewer.window.resize(1500, 950)
     layers = viewer.open(str(args.folder), plugin="tme-napari")
     viewer.scale_bar.visible = True
     names = [layer.name for layer in layers]
