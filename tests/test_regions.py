@@ -314,3 +314,39 @@ def test_debris_outnumbering_merged_clumps_is_necrosis():
     assert r.percent_necrosis == pytest.approx(expected, abs=5)
     # With the absolute cap alone the clumps hide the necrosis.
     assert run(obs, image, necrosis_min_debris_ratio=100.0).percent_necrosis < expected / 2
+
+
+def test_stroma_island_above_the_hole_size_stays_a_hole_with_its_own_margin():
+    # A 0.015 mm² stroma island: the density kernel alone reads it as under 0.01 mm² and fills it.
+    disc = Point(1000, 750).buffer(600)
+    island, speck = Point(1000, 750).buffer(70), Point(700, 750).buffer(40)  # 0.0154 and 0.005 mm²
+    obs, image = make_slide(tumour=disc.difference(island).difference(speck), seed=20)
+    r = run(obs, image)
+    m = r.masks
+    assert RegionsConfig().min_tumor_hole_mm2 < island.area * 1e-6
+    assert not m["tumor"][mask_of(island.buffer(-15), r)].any()
+    hole = mask_of(island.buffer(30), r) & m["tissue"] & ~m["tumor"]
+    assert hole.sum() * r.grid_um ** 2 * 1e-6 == pytest.approx(island.area * 1e-6, rel=0.2)
+    assert m["tumor"][mask_of(speck, r)].all()  # under min_tumor_hole_mm2: filled
+    # The band goes round the island, inside the bed, and the island is margin, not stroma.
+    ring = mask_of(Point(1000, 750).buffer(250).difference(island.buffer(30)), r)
+    assert m["margin"][ring].all() and m["tumor"][ring].mean() > 0.99 and not m["tumor_core"][ring].any()
+    assert m["margin"][mask_of(island.buffer(-15), r)].all() and not m["stroma"][mask_of(island, r)].any()
+    inside = shapely.contains_xy(island.buffer(-15), obs.x_um.to_numpy(), obs.y_um.to_numpy())
+    assert inside.any() and (r.border_distance_um[inside] > 0).all() and not r.in_tumor[inside].any()
+    assert (r.cell_region[inside] == "margin").all()
+    # Without the island the same ring is core where it lies over 250 µm from the outer border.
+    r0 = run(*make_slide(tumour=disc, seed=20))
+    assert r0.masks["tumor_core"][ring].mean() > 0.95
+    assert r.areas_mm2["margin"] > r0.areas_mm2["margin"] + 0.15
+
+
+def test_hole_size_is_measured_on_the_cells():
+    disc = Point(1000, 750).buffer(500)
+    island = Point(1000, 750).buffer(64)  # 0.0129 mm²
+    obs, image = make_slide(tumour=disc.difference(island), seed=21)
+    kept = run(obs, image)
+    assert not kept.masks["tumor"][mask_of(island.buffer(-15), kept)].any()
+    # With a hole size over the island's area it is filled.
+    filled = run(obs, image, min_tumor_hole_mm2=0.02)
+    assert filled.masks["tumor"][mask_of(island, filled)].all()

@@ -212,7 +212,7 @@ def find_regions(obs: pd.DataFrame, image: np.ndarray, image_um: float, *, chann
     min_island_px = config.min_tumor_island_mm2 / px_area_mm2
     bed = _remove_small(bed, min_island_px, keep_holding=(nest_cells, config.min_nest_cells))
     bed |= nest_mask & tissue & ~_touching(nest_mask, bed)
-    bed |= tissue & ~_remove_small(tissue & ~bed, config.min_tumor_hole_mm2 / px_area_mm2, only_enclosed=bed)
+    bed = _holes(bed, tissue, necrotic, np.column_stack([x, y])[~debris], is_tumor[~debris], config)
     bed |= _fibrotic_foci(bed, tissue & ~bed, viable_density < config.fibrosis_max_cells_per_mm2)
     bed = _remove_small(bed & ~_rasterise(tls_polygons_um, shape, g), min_island_px,
                         keep_holding=(nest_cells, config.min_nest_cells))
@@ -310,6 +310,75 @@ def _tissue(image: np.ndarray, image_um: float, shape: tuple[int, int], ii: np.n
     tissue = _remove_small(tissue, config.min_tissue_island_mm2 / px_area_mm2)
     tissue |= ~_remove_small(~tissue, config.min_glass_hole_mm2 / px_area_mm2, only_enclosed=tissue)
     return tissue
+
+
+def _holes(bed: np.ndarray, tissue: np.ndarray, necrotic: np.ndarray, xy_um: np.ndarray, tumour: np.ndarray,
+           config: RegionsConfig) -> np.ndarray:
+    """The bed (H, W) with its small holes filled and its large holes drawn where the cells put them.
+
+    A hole is tissue outside the bed that the bed encloses: it does not reach the grid's edge
+    and most of its rim is bed (a piece rimmed mostly by glass is a notch at the section's edge,
+    filled when smaller than ``min_tumor_hole_mm2``, by its own area).
+    The density kernel blurs a hole's edge inwards: its half-maximum contour lies about
+    ``sigma² / (2 R)`` inside a hole of radius ``R``, and the opening/closing and the noise of a
+    few dozen cells per kernel shrink it further, so a 0.013 mm² stroma island reads as
+    ~0.009 mm² and would be filled. Each hole's extent is therefore measured on the cells: the
+    pixels within ``density_sigma_um`` of it (the most the blur moves an edge of a hole that can
+    reach ``min_tumor_hole_mm2``) whose ``hole_vote_cells`` nearest viable cells are mostly not
+    tumour join it (necrosis stays bed: its merged debris clumps read as viable non-tumour
+    cells). A hole whose extent is at least ``min_tumor_hole_mm2`` stays out of the bed
+    with that extent (it gets its own margin band); a smaller one is filled.
+
+    Parameters
+    ----------
+    bed, tissue, necrotic : ndarray of bool, shape (H, W)
+    xy_um : ndarray of float, shape (n, 2)
+        Viable (non-debris) cells' centroids (µm).
+    tumour : ndarray of bool, shape (n,)
+        Which of those cells are tumour.
+    config : RegionsConfig
+
+    Returns
+    -------
+    ndarray of bool, shape (H, W)
+    """
+    g = config.grid_um
+    min_px = config.min_tumor_hole_mm2 / (g * g * _MM2_PER_UM2)
+    outside = tissue & ~bed
+    if not bed.any() or not outside.any():
+        return bed
+    lab, n = ndi.label(outside)
+    edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+    # A piece mostly rimmed by glass (a notch at the section's edge) is no island: its own area decides.
+    rim = ndi.grey_dilation(lab, size=3) * ~outside
+    rim_bed = np.bincount(rim.ravel(), weights=bed.ravel(), minlength=n + 1)
+    island = rim_bed > 0.5 * np.bincount(rim.ravel(), minlength=n + 1)
+    island[edge] = False
+    island[0] = False
+    size = np.bincount(lab.ravel(), minlength=n + 1)
+    notch = ~island & (size < min_px)
+    notch[edge] = False
+    notch[0] = False
+    bed = bed | notch[lab]
+    enclosed = island[lab]
+    if not enclosed.any():
+        return bed
+    reach = max(1, int(round(config.density_sigma_um / g)))
+    zone = ndi.binary_dilation(enclosed, _disc(reach)) & bed & ~necrotic
+    grown = enclosed.copy()
+    k = min(config.hole_vote_cells, len(xy_um))
+    if zone.any() and k > 0 and not tumour.all():
+        zi, zj = np.nonzero(zone)
+        _, idx = cKDTree(xy_um).query(np.column_stack([(zj + 0.5) * g, (zi + 0.5) * g]), k=k)
+        idx = np.asarray(idx).reshape(len(zi), k)
+        grown[zi, zj] = tumour[idx].sum(axis=1) * 2 < k
+    glab, n = ndi.label(grown)
+    size = np.bincount(glab.ravel(), minlength=n + 1)
+    # Only pieces that grew from an enclosed hole count; stray non-tumour votes in the bed do not.
+    seeded = np.bincount(glab.ravel(), weights=enclosed.ravel(), minlength=n + 1) > 0
+    hole = seeded & (size >= min_px)
+    hole[0] = False
+    return (bed | enclosed) & ~hole[glab]
 
 
 def _fibrotic_foci(bed: np.ndarray, outside: np.ndarray, paucicellular: np.ndarray) -> np.ndarray:

@@ -32,7 +32,10 @@ class RegionsConfig(BaseModel):
                                                         "one nest.")
     min_nest_cells: int = Field(6, ge=1, description="A nest of at least this many linked tumour cells is bed "
                                                      "whatever its area (cells); ITBCC buds hold <= 4.")
-    min_tumor_hole_mm2: float = Field(0.01, ge=0, description="Holes in the bed smaller than this are filled (mm²).")
+    min_tumor_hole_mm2: float = Field(0.01, ge=0, description="Holes in the bed smaller than this are filled (mm²); "
+                                                              "a hole's area is measured on the cells.")
+    hole_vote_cells: int = Field(5, ge=1, description="A pixel next to a hole joins it when most of its this many "
+                                                      "nearest viable cells are not tumour (cells); odd, so no ties.")
     margin_um: float = Field(250.0, gt=0,
                              description="Half-width of the invasive margin, each side of the border (µm).")
     min_region_area_mm2: float = Field(0.05, ge=0, description="A region smaller than this carries no density (mm²).")
