@@ -310,7 +310,7 @@ def segment_stage(inputs: SlideInputs, folder: Path, *, viewable: bool = True) -
         ``info['n_nuclei']``.
     """
     from .io.labels import create_labels_zarr, write_label_pyramid, write_overview_image
-    from .tiling import segment_tiled
+    from .tiling import segment_tiled, window_source
 
     slide, grid, channel = inputs.slide, inputs.grid, inputs.nuclear_channel
     lowres, lowres_um = lowres_channel(slide, channel)
@@ -318,7 +318,9 @@ def segment_stage(inputs: SlideInputs, folder: Path, *, viewable: bool = True) -
     root = create_labels_zarr(folder / LABELS, shape_yx=slide.shape_yx, pixel_um=slide.pixel_um, chunk_px=grid.tile_px)
     with progress(f"{inputs.slide_id} segment", mode=inputs.config.run.progress,
                   every_s=inputs.config.run.progress_every_s):
-        stitched = segment_tiled(slide.levels[0][channel], segment_tile, grid=grid, store=root["labels/nuclei"])
+        # straight from the file: one read per window, not one per 1024² dask chunk it touches
+        stitched = segment_tiled(window_source(slide.levels[0], channel), segment_tile, grid=grid,
+                                 store=root["labels/nuclei"])
     if viewable:
         write_label_pyramid(root, "nuclei", pixel_um=slide.pixel_um)
         write_overview_image(root, lowres, pixel_um=lowres_um, channel_names=(slide.channel_names[channel],))
