@@ -104,6 +104,13 @@ for _ in range(5):
 """
 
 
+def _faults_per_pass(script: str, model_path) -> list[int]:
+    """Run a page-fault probe script in a fresh interpreter; its per-pass minor faults, sorted."""
+    done = subprocess.run([sys.executable, "-c", script, str(model_path)], capture_output=True, text=True,
+                          check=True)
+    return sorted(int(n) for n in done.stdout.split())
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator only")
 def test_repeated_cpu_inference_reuses_host_memory(tiny_model):
     # Unset, glibc maps every block over 32 MB afresh and the kernel faults it in again on
@@ -112,9 +119,7 @@ def test_repeated_cpu_inference_reuses_host_memory(tiny_model):
     # decides where a 128 MB block lands, not the pipeline.
     # Per pass, the median of five: now and then a pass still grows the heap once (a
     # 128 MB block finding no free stretch of its size), which is not the steady state.
-    done = subprocess.run([sys.executable, "-c", _REUSE_SCRIPT, str(tiny_model.path)],
-                          capture_output=True, text=True, check=True)
-    faults = sorted(int(n) for n in done.stdout.split())
+    faults = _faults_per_pass(_REUSE_SCRIPT, tiny_model.path)
     assert len(faults) == 5 and faults[2] < 32768 // 4
 
 
@@ -144,9 +149,7 @@ def test_passes_in_worker_threads_reuse_host_memory(tiny_model):
     # every 128 MB activation was mapped afresh whatever M_MMAP_MAX said (>= 2 activations
     # x 32 768 pages a pass). With one arena the threads reuse the main heap. The median
     # pass of five, as above.
-    done = subprocess.run([sys.executable, "-c", _THREAD_REUSE_SCRIPT, str(tiny_model.path)],
-                          capture_output=True, text=True, check=True)
-    faults = sorted(int(n) for n in done.stdout.split())
+    faults = _faults_per_pass(_THREAD_REUSE_SCRIPT, tiny_model.path)
     assert len(faults) == 5 and faults[2] < 32768 // 4
 
 

@@ -242,7 +242,7 @@ def single_threaded_openmp():
     keeps the thread count per calling thread, so other threads (the net's) keep theirs,
     and it is restored on leaving.
     """
-    libs = [lib for lib in _openmp_runtimes()]
+    libs = _openmp_runtimes()
     before = [lib.omp_get_max_threads() for lib in libs]
     for lib in libs:
         lib.omp_set_num_threads(1)
